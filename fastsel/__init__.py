@@ -1,0 +1,20 @@
+"""fastsel: data-loader-level sample selection for budgeted PyTorch training.
+
+    train = fastsel.with_indices(train_set)
+    sampler = fastsel.Sampler(train, policy="tftb", budget=0.3, epochs=30)
+    loader = DataLoader(train, batch_size=256, sampler=sampler)
+    sched = fastsel.BudgetLR(optimizer, sampler)
+    for epoch in sampler.epochs():
+        for x, y, idx in loader:
+            loss = sampler.loss(model(x), y, idx)
+            ...
+"""
+from .backends import backends
+from .indexed import with_indices
+from .policies import POLICIES
+from .sampler import Sampler
+from .schedule import BudgetLR
+
+__version__ = "0.1.0"
+
+__all__ = ["Sampler", "BudgetLR", "with_indices", "backends", "POLICIES", "__version__"]

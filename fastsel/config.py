@@ -1,0 +1,38 @@
+"""The loss settings shared by every backend's fused step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass
+class LossConfig:
+    """How ``Sampler.loss`` turns logits into the scalar to backprop, as ``F.cross_entropy`` does.
+
+    ``ema`` is the weight of a new observation in the per-sample loss EMA and its variance.
+    ``strict`` refuses a bad index or label at once (a host sync); otherwise it is masked,
+    counted on the device, and raised at the next selection pass.
+    """
+
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    class_weight: Optional[torch.Tensor] = None
+    reduction: str = "mean"
+    ema: float = 0.3
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got reduction={self.reduction!r}")
+        if not 0.0 <= float(self.label_smoothing) <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got label_smoothing={self.label_smoothing}")
+        if not 0.0 < float(self.ema) <= 1.0:
+            raise ValueError(f"ema must be in (0, 1], got ema={self.ema}")
+        if self.class_weight is not None:
+            w = self.class_weight
+            if not isinstance(w, torch.Tensor) or w.dim() != 1 or not w.is_floating_point():
+                raise ValueError("class_weight must be a 1-D floating-point tensor of C entries")

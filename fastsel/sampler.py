@@ -1,0 +1,440 @@
+"""The drop-in sampler: picks each epoch's samples under a budget and takes the loss call.
+
+Data path: ``__iter__`` draws the epoch's selection (one pass on the device over all N
+samples) → the DataLoader yields those indices → ``loss()`` computes the per-sample loss,
+folds it into the per-sample state and returns the scalar to backprop → the next epoch's
+selection reads that state.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sized, Union
+
+import torch
+
+from . import rng
+from .backends import check_backend_name, get_backend
+from .checks import check_step_args, raise_for_errors
+from .config import LossConfig
+from .distributed import StateSync, world
+from .policies import Policy, SelectionContext, make_policy
+from .state import STAT_EPOCH_COUNT, STAT_EPOCH_LOSS, STAT_NONFINITE, SampleState
+from .summary import Summary, selection_entropy
+
+_FORMAT = 1
+
+
+def _check_budget(budget: Any, time_budget: Any, epochs: Any) -> None:
+    if (budget is None) == (time_budget is None):
+        raise ValueError("give exactly one of budget= (a fraction in (0, 1]) and time_budget= "
+                         f"(seconds); got budget={budget!r}, time_budget={time_budget!r}")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget must be a fraction in (0, 1], got budget={budget!r}")
+        if epochs is None:
+            raise ValueError("a fraction budget needs epochs= (the epochs of full training), got epochs=None")
+    if time_budget is not None:
+        if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) \
+                or not math.isfinite(time_budget) or time_budget <= 0:
+            raise ValueError(f"time_budget must be a positive number of seconds, got time_budget={time_budget!r}")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be a positive int, got epochs={epochs!r}")
+
+
+class _EpochIterator(Iterator[int]):
+    """Iterates one epoch's shard from the trained position; stateful for torchdata's
+    StatefulDataLoader, which saves and restores it instead of fast-forwarding."""
+
+    def __init__(self, sampler: "Sampler") -> None:
+        self.sampler = sampler
+        self._reset()
+
+    def _reset(self) -> None:
+        self.shard = self.sampler._shard_list()
+        self.i = self.sampler.position
+
+    def __iter__(self) -> "_EpochIterator":
+        return self
+
+    def __next__(self) -> int:
+        s = self.sampler
+        if self.i >= len(self.shard) or (self.i % 8 == 0 and s._time_up_local()):
+            s._exhausted = True
+            raise StopIteration
+        v = self.shard[self.i]
+        self.i += 1
+        s._yielded += 1
+        return v
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.sampler.load_state_dict(sd)
+        self._reset()
+
+
+class Sampler(torch.utils.data.Sampler[int]):
+    """A DataLoader sampler that trains on the samples that matter under a budget.
+
+    Args:
+        data: the dataset (anything with ``len``) or the number of samples N.
+        policy: ``"uniform"``, ``"scan"``, ``"p-sgd"``, ``"c-sgd"``, ``"tftb"``,
+            ``"infobatch"`` or a :class:`fastsel.policies.Policy`; its parameters go in
+            ``**policy_kwargs``.
+        budget: fraction B in (0, 1] of full training's forward/backward passes: exactly
+            round(N·B) samples per epoch for ``epochs`` epochs (scan: N per epoch,
+            round(epochs·B) epochs).
+        time_budget: seconds of wall clock instead; epochs end early when it is spent.
+        epochs: epochs of full training (required with ``budget``; a cap with ``time_budget``).
+        seed: seeds the selection: the same seed gives the same stream of indices.
+        backend: ``"auto"`` or a name from :func:`fastsel.backends`.
+        device: where the per-sample state lives; by default it follows the logits.
+        num_replicas, rank: distributed shards (default: from the process group).
+        drop_last: drop the tail to equal shards instead of padding (DistributedSampler's rule).
+        strict: refuse a bad index/label at once (a host sync); default: on CPU only. On
+            other devices it is masked, counted and raised at the next selection pass.
+        ignore_index, label_smoothing, class_weight, reduction: as in ``F.cross_entropy``.
+        ema: weight of a new observation in each sample's loss EMA and variance.
+    """
+
+    def __init__(self, data: Union[int, Sized], policy: Union[str, Policy] = "uniform",
+                 budget: Optional[float] = None, time_budget: Optional[float] = None,
+                 epochs: Optional[int] = None, seed: int = 0, *, backend: str = "auto",
+                 device: Optional[Union[str, torch.device]] = None,
+                 num_replicas: Optional[int] = None, rank: Optional[int] = None,
+                 drop_last: bool = False, strict: Optional[bool] = None,
+                 ignore_index: int = -100, label_smoothing: float = 0.0,
+                 class_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+                 ema: float = 0.3, **policy_kwargs: Any) -> None:
+        if isinstance(data, bool) or not (isinstance(data, int) or hasattr(data, "__len__")):
+            raise TypeError(f"data must be a dataset with len() or an int, got {type(data).__name__}")
+        n = int(data) if isinstance(data, int) else len(data)  # type: ignore[arg-type]
+        if n < 1:
+            raise ValueError(f"the dataset must have at least one sample, got N={n}")
+        _check_budget(budget, time_budget, epochs)
+        self.n = n
+        self.policy = make_policy(policy, **policy_kwargs)
+        self.budget = None if budget is None else float(budget)
+        self.time_budget = None if time_budget is None else float(time_budget)
+        self.epochs_total = epochs
+        self.seed = int(seed)
+        self.backend_name = backend
+        check_backend_name(backend)
+        self.cfg = LossConfig(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                              class_weight=class_weight, reduction=reduction, ema=ema)
+        self._strict = strict
+        self._fixed_device = None if device is None else torch.device(device)
+        self.world_size, self.rank = world(num_replicas, rank)
+        self.drop_last = bool(drop_last)
+        self.state = SampleState(n, self._fixed_device or "cpu")
+        self._sync = StateSync(self.state, self.world_size, self.rank) if self.world_size > 1 else None
+        self._backend: Optional[Any] = None
+        self._generator = torch.Generator()
+        self.epoch = 0
+        self.position = 0            # samples of this epoch's shard that went through loss()
+        self._exhausted = False      # the epoch's iterator ran out (or its time did)
+        self._selection: Optional[torch.Tensor] = None   # global, shuffled, this epoch
+        self._selection_epoch: Optional[int] = None
+        self._shard_cache: Optional[List[int]] = None
+        self._yielded = 0            # indices handed out in all epochs, this rank
+        self._trained = 0            # rows that went through loss() in all epochs, this rank
+        self._loss_calls = 0
+        self._elapsed0 = 0.0         # seconds spent before this process (resume)
+        self._clock: Optional[float] = None
+        self._selection_time = 0.0
+        self._epoch_counts: List[int] = []
+
+    # ---- budget ---------------------------------------------------------------------
+    @property
+    def time_mode(self) -> bool:
+        return self.time_budget is not None
+
+    @property
+    def num_epochs(self) -> Optional[int]:
+        """Epochs the budget allows (None: a time budget without an epoch cap)."""
+        if self.time_mode:
+            return self.epochs_total
+        return self.policy.num_epochs(self.epochs_total, self.budget)  # type: ignore[arg-type]
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds of the budget spent so far (across resumes)."""
+        return self._elapsed0 + (0.0 if self._clock is None else time.monotonic() - self._clock)
+
+    def _start_clock(self) -> None:
+        if self._clock is None:
+            self._clock = time.monotonic()
+
+    def _time_up_local(self) -> bool:
+        # Under DDP the ranks must yield equal counts: the epoch's count is fitted to the
+        # remaining time at the selection pass instead of checking each rank's clock.
+        return self.time_mode and self.world_size == 1 and self.elapsed() >= self.time_budget  # type: ignore[operator]
+
+    def _time_up(self) -> bool:
+        if not self.time_mode:
+            return False
+        e = self.elapsed()
+        if self.world_size > 1:
+            t = torch.tensor([e], dtype=torch.float64, device=self.state.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            e = float(t)
+        return e >= self.time_budget  # type: ignore[operator]
+
+    def _global_count(self) -> int:
+        """Samples the current epoch selects before sharding (fraction budgets: known ahead)."""
+        if not self.time_mode and self._selection_epoch != self.epoch:
+            return self.policy.count(self.n, self.budget)  # type: ignore[arg-type]
+        self._ensure_selection()
+        return int(self._selection.numel())  # type: ignore[union-attr]
+
+    def _shard_len(self, k: int) -> int:
+        w = self.world_size
+        return k // w if self.drop_last else -(-k // w)
+
+    def progress(self) -> float:
+        """Share of the budget spent, in [0, 1]: by trained samples or by wall clock."""
+        if self.time_mode:
+            return min(1.0, self.elapsed() / self.time_budget)  # type: ignore[operator]
+        total = self.num_epochs * self._shard_len(self.policy.count(self.n, self.budget))  # type: ignore[arg-type, operator]
+        done = self._trained if self._loss_calls else self._yielded
+        return min(1.0, done / max(1, total))
+
+    # ---- epochs and iteration -------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration draws (DistributedSampler's convention)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got epoch={epoch!r}")
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.position = 0
+        self._exhausted = False
+
+    def _epoch_trained(self) -> bool:
+        return self._selection_epoch == self.epoch and self.position >= len(self._shard_list())
+
+    def _epoch_done(self) -> bool:
+        if self._selection_epoch != self.epoch:
+            return False
+        return self._exhausted or self.position >= len(self._shard_list())
+
+    def epochs(self) -> Iterator[int]:
+        """Yield epoch numbers until the budget is spent, calling ``set_epoch`` for each;
+        after a resume it starts with the interrupted epoch."""
+        self._start_clock()
+        e = self.epoch + 1 if self._epoch_done() else self.epoch
+        while True:
+            if self.num_epochs is not None and e >= self.num_epochs:
+                return
+            if self._time_up():
+                return
+            self.set_epoch(e)
+            yield e
+            e = self.epoch + 1
+
+    def __iter__(self) -> Iterator[int]:
+        self._start_clock()
+        if self._epoch_done() and self._exhausted:
+            self.set_epoch(self.epoch + 1)
+        self._ensure_selection()
+        return _EpochIterator(self)
+
+    def __len__(self) -> int:
+        """Indices this rank yields in the current epoch (what is left of it after a resume)."""
+        return max(0, self._shard_len(self._global_count()) - self.position)
+
+    def _shard_list(self) -> List[int]:
+        self._ensure_selection()
+        if self._shard_cache is None:
+            sel = self._selection
+            k, w = sel.numel(), self.world_size  # type: ignore[union-attr]
+            per = self._shard_len(k)
+            total = per * w
+            if total > k:
+                reps = -(-total // max(k, 1))
+                sel = sel.repeat(reps)[:total] if k else sel  # type: ignore[union-attr]
+            sel = sel[:total]  # type: ignore[index]
+            self._shard_cache = sel[self.rank:total:w].tolist()
+        return self._shard_cache
+
+    # ---- the selection pass -----------------------------------------------------------
+    def _device(self) -> torch.device:
+        return self.state.device
+
+    def _get_backend(self, device: torch.device) -> Any:
+        if self._backend is None or getattr(self, "_backend_device", None) != device:
+            self._backend = get_backend(self.backend_name, device)
+            self._backend_device = device
+        return self._backend
+
+    def _ensure_selection(self) -> None:
+        if self._selection_epoch != self.epoch:
+            self._selection_pass()
+
+    def _selection_pass(self) -> None:
+        t0 = time.perf_counter()
+        st = self.state
+        budget_left = None
+        if self._sync is not None:
+            tot = self._sync(st, [self.elapsed(), float(self._trained)])
+            elapsed, trained = tot[0] / self.world_size, tot[1]
+            if self.time_mode and elapsed > 0:
+                budget_left = (self.time_budget - elapsed) * trained / elapsed  # type: ignore[operator]
+        errs = st.take_errors()
+        if self._sync is not None:
+            self._sync.rebase(st, mark=self.epoch)
+        if bool(errs.any()):
+            raise_for_errors(errs, self.n)
+        seen = st.seen > 0
+        n_seen = int(seen.sum())
+        mean_loss = float(torch.where(seen, st.loss, torch.zeros_like(st.loss)).sum()) / n_seen if n_seen else None
+        epoch_count = float(st.stats[STAT_EPOCH_COUNT])
+        epoch_loss = float(st.stats[STAT_EPOCH_LOSS]) / epoch_count if epoch_count else None
+        self.policy.observe(st, mean_loss, self.time_mode)
+        if self.time_mode:
+            k = max(1, min(self.n, int(self.n * self.policy.time_share() + 0.5)))
+            if budget_left is not None:
+                k = max(0, min(k, int(budget_left)))
+        else:
+            k = self.policy.count(self.n, self.budget)  # type: ignore[arg-type]
+        key = rng.epoch_key(self._generator, self.seed, self.epoch)
+        backend = self._get_backend(st.device)
+        progress = self.progress() if self.time_mode else self.epoch / max(1, self.num_epochs)  # type: ignore[arg-type]
+        ctx = SelectionContext(state=st, backend=backend, epoch=self.epoch, k=k, key=key,
+                               progress=progress, time_mode=self.time_mode, epoch_loss=epoch_loss)
+        if k > 0:
+            sel = self.policy.select(ctx)
+            chosen = sel.indices
+            with torch.no_grad():
+                if sel.weights is not None:
+                    st.weight.copy_(sel.weights)
+                else:
+                    st.weight.fill_(1.0)
+                st.selected.index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.int32))
+            order = backend.shuffle(chosen, key)
+        else:
+            order = torch.empty(0, dtype=torch.int64, device=st.device)
+        st.stats[STAT_EPOCH_LOSS] = 0.0
+        st.stats[STAT_EPOCH_COUNT] = 0.0
+        if self._sync is not None:
+            self._sync.stats0.copy_(st.stats)
+        self._selection = order.to(torch.int64)
+        self._selection_epoch = self.epoch
+        self._shard_cache = None
+        self._shard_list()  # the one device→host copy of the epoch
+        self._epoch_counts.append(int(k))
+        self._selection_time += time.perf_counter() - t0
+
+    # ---- the loss call ----------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Per-sample cross-entropy folded into the per-sample state; returns the loss to
+        backprop (policy weights applied, reduced as ``reduction`` says). No host sync."""
+        dev = logits.device if isinstance(logits, torch.Tensor) else None
+        if dev is not None and self.cfg.class_weight is not None and self.cfg.class_weight.device != dev:
+            self.cfg.class_weight = self.cfg.class_weight.to(dev)
+        check_step_args(logits, labels, indices, self.cfg)
+        if self.state.device != dev:
+            if self._fixed_device is not None:
+                raise ValueError(f"logits are on {dev} but the sampler's state is on "
+                                 f"device={self._fixed_device}")
+            self.state.to(dev)
+            if self._sync is not None:
+                self._sync.to(dev)
+            if self._selection is not None:
+                self._selection = self._selection.to(dev)
+        self.cfg.strict = (dev.type == "cpu") if self._strict is None else bool(self._strict)
+        out = self._get_backend(dev).step(logits, labels, indices, self.state, self.cfg, self.epoch)
+        b = int(logits.shape[0])
+        self.position += b
+        self._trained += b
+        self._loss_calls += 1
+        return out
+
+    # ---- observability ----------------------------------------------------------------
+    def summary(self) -> Summary:
+        """Selected fraction, samples seen/skipped, passes saved, selection time, entropy."""
+        st = self.state
+        epochs_run = len(self._epoch_counts)
+        # Full training: every sample in every epoch the recipe (or the time budget) ran.
+        full = self.n * (epochs_run if self.time_mode else int(self.epochs_total))  # type: ignore[arg-type]
+        passes = self._trained * self.world_size
+        sel_counts = st.selected
+        return Summary({
+            "policy": self.policy.name,
+            "backend": getattr(self._backend, "name", self.backend_name),
+            "budget": self.budget if not self.time_mode else f"{self.time_budget:g} s",
+            "epochs_run": epochs_run,
+            "selected_fraction": (sum(self._epoch_counts) / (epochs_run * self.n)) if epochs_run else 0.0,
+            "samples_seen": int((st.seen > 0).sum()),
+            "samples_never_selected": int((sel_counts == 0).sum()),
+            "passes": passes,
+            "passes_full_training": full,
+            "passes_saved": 1.0 - passes / full if full else 0.0,
+            "selection_time_s": self._selection_time,
+            "selection_entropy": selection_entropy(sel_counts),
+            "nonfinite_losses": int(st.stats[STAT_NONFINITE]),
+            "elapsed_s": self.elapsed(),
+        })
+
+    # ---- checkpoint and resume --------------------------------------------------------
+    def _config(self) -> Dict[str, Any]:
+        return {"n": self.n, "policy": self.policy.config(), "budget": self.budget,
+                "time_budget": self.time_budget, "epochs": self.epochs_total,
+                "world_size": self.world_size, "drop_last": self.drop_last}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything a resume needs to yield exactly the stream an uninterrupted run would.
+
+        ``position`` counts what went through ``loss()``, not what the DataLoader prefetched.
+        Under DDP it holds this rank's updates since the last selection pass: save one per
+        rank, or save at an epoch boundary.
+        """
+        return {
+            "format": _FORMAT, "config": self._config(), "seed": self.seed,
+            "epoch": self.epoch, "position": self.position,
+            # An iterator that ran out with batches still in flight is not a finished epoch.
+            "exhausted": self._exhausted and (self.time_mode or self._epoch_trained()),
+            "selection": None if self._selection is None else self._selection.cpu().clone(),
+            "selection_epoch": self._selection_epoch,
+            "state": self.state.state_dict(), "policy_state": self.policy.state_dict(),
+            "generator": self._generator.get_state(),
+            "sync": None if self._sync is None else self._sync.state_dict(),
+            "counters": {"yielded": self._yielded, "trained": self._trained,
+                         "loss_calls": self._loss_calls, "elapsed": self.elapsed(),
+                         "selection_time": self._selection_time,
+                         "epoch_counts": list(self._epoch_counts)},
+        }
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        """Restore a ``state_dict``; a state for another N, policy or budget is refused
+        with a clear error and nothing here changes."""
+        if not isinstance(sd, dict) or sd.get("format") != _FORMAT:
+            raise ValueError(f"not a fastsel Sampler state_dict of format {_FORMAT}")
+        mine, theirs = self._config(), sd["config"]
+        for key in mine:
+            if mine[key] != theirs.get(key):
+                raise ValueError(f"state_dict is for {key}={theirs.get(key)!r}, "
+                                 f"this sampler has {key}={mine[key]!r}")
+        if sd["seed"] != self.seed:
+            raise ValueError(f"state_dict is for seed={sd['seed']!r}, this sampler has seed={self.seed!r}")
+        self.state.check_state_dict(sd["state"])
+        sel = sd["selection"]
+        if sel is not None and (not isinstance(sel, torch.Tensor) or sel.dim() != 1
+                                or (sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= self.n))):
+            raise ValueError(f"state_dict selection must be a 1-D tensor of indices in [0, {self.n})")
+        self.state.load_state_dict(sd["state"])
+        self.policy.load_state_dict(sd["policy_state"])
+        self._generator.set_state(sd["generator"])
+        if self._sync is not None and sd["sync"] is not None:
+            self._sync.load_state_dict(sd["sync"], self.state.device)
+        self.epoch = int(sd["epoch"])
+        self.position = int(sd["position"])
+        self._exhausted = bool(sd["exhausted"])
+        self._selection = None if sel is None else sel.to(self.state.device)
+        self._selection_epoch = sd["selection_epoch"]
+        self._shard_cache = None
+        c = sd["counters"]
+        self._yielded, self._trained, self._loss_calls = c["yielded"], c["trained"], c["loss_calls"]
+        self._elapsed0, self._clock = float(c["elapsed"]), None
+        self._selection_time = float(c["selection_time"])
+        self._epoch_counts = list(c["epoch_counts"])
