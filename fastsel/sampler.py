@@ -239,6 +239,11 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._ensure_selection()
         return _EpochIterator(self)
 
+    def epoch_indices(self) -> List[int]:
+        """This rank's indices still to train in the current epoch, drawing its selection
+        if needed; the same list however often it is asked (FFCV asks twice)."""
+        return self._shard_list()[self.position:]
+
     def __len__(self) -> int:
         """Indices this rank yields in the current epoch (what is left of it after a resume)."""
         return max(0, self._shard_len(self._global_count()) - self.position)

@@ -101,7 +101,7 @@ class SampleState:
 
     def take_errors(self) -> torch.Tensor:
         """Return the error counters (on the host) and clear them."""
-        errs = self.errors.cpu()
+        errs = self.errors.cpu().clone()  # .cpu() of a CPU tensor is the tensor itself
         self.errors.zero_()
         return errs
 

@@ -1,8 +1,13 @@
 """The one dispatch point for backends: ``get_backend(name, device)`` and ``backends()``.
 
-A backend provides ``step`` (the fused loss + state update), ``select`` (k largest keys,
-ties by index), ``uniform`` and ``shuffle`` (counter-based noise). Later backends
-register a loader here; a backend that cannot load says why in one line.
+A backend provides ``name``, ``devices`` (device types it runs on), optionally
+``auto_devices`` (where ``"auto"`` may pick it) and ``unavailable()`` (a one-line reason, or
+None), and four operations, all checked against ``reference``:
+
+* ``step(logits, labels, indices, state, cfg, epoch)``: the fused loss + state update,
+* ``select(keys, k)``: indices of the k largest keys, ties by lower index, NaN last,
+* ``uniform(idx, key, stream)``: the counter-based uniforms of ``fastsel.rng``, bit-exact,
+* ``shuffle(chosen, key)``: ``chosen`` reordered by its ``STREAM_SHUFFLE`` uniforms.
 """
 from __future__ import annotations
 
@@ -13,12 +18,13 @@ import torch
 
 from .reference import ReferenceBackend
 
-# name -> (module, class, devices it runs on). Listed fastest first for "auto".
-_KNOWN: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
-    "cuda": ("fastsel.backends.cuda", "CudaBackend", ("cuda",)),
-    "triton": ("fastsel.backends.triton", "TritonBackend", ("cuda",)),
-    "cpu": ("fastsel.backends.cpu", "CpuBackend", ("cpu",)),
-    "reference": ("fastsel.backends.reference", "ReferenceBackend", ("cpu", "cuda", "mps", "xpu")),
+# name -> (module, class). Listed fastest first for "auto". Each backend instance says
+# which device types it runs on (``devices``) and, if it cannot run, why (``unavailable()``).
+_KNOWN: Dict[str, Tuple[str, str]] = {
+    "cuda": ("fastsel.backends.cuda", "CudaBackend"),
+    "triton": ("fastsel.backends.triton", "TritonBackend"),
+    "cpu": ("fastsel.backends.cpu", "CpuBackend"),
+    "reference": ("fastsel.backends.reference", "ReferenceBackend"),
 }
 
 _cache: Dict[str, object] = {}
@@ -30,7 +36,7 @@ def _load(name: str) -> Optional[object]:
         return _cache[name]
     if name in _why:
         return None
-    module, cls, _ = _KNOWN[name]
+    module, cls = _KNOWN[name]
     try:
         mod = importlib.import_module(module)
         backend = getattr(mod, cls)()
@@ -54,10 +60,20 @@ def _load(name: str) -> Optional[object]:
 def backends() -> Dict[str, str]:
     """Every backend by name: "available (devices: ...)" or the one-line reason it is not."""
     out = {}
-    for name, (_, _, devices) in _KNOWN.items():
+    for name in _KNOWN:
         b = _load(name)
-        out[name] = f"available (devices: {', '.join(devices)})" if b is not None else _why[name]
+        out[name] = f"available (devices: {', '.join(b.devices)})" if b is not None else _why[name]
     return out
+
+
+def available(device: torch.device | str, auto: bool = False) -> Tuple[str, ...]:
+    """Names of the backends that run on ``device`` here, fastest first. With ``auto``, only
+    those ``"auto"`` may pick: a backend lists in ``auto_devices`` where it is fast (Triton
+    runs on the CPU under ``TRITON_INTERPRET=1``, for tests only)."""
+    dev = torch.device(device).type
+    attr = "auto_devices" if auto else "devices"
+    return tuple(n for n in _KNOWN
+                 if _load(n) is not None and dev in getattr(_cache[n], attr, _cache[n].devices))
 
 
 def check_backend_name(name: str) -> None:
@@ -70,17 +86,17 @@ def get_backend(name: str, device: torch.device | str) -> object:
     """The backend called ``name`` for ``device``; ``"auto"`` picks the fastest that runs there."""
     dev = torch.device(device).type
     if name == "auto":
-        for cand, (_, _, devices) in _KNOWN.items():
-            if dev in devices and _load(cand) is not None:
-                return _cache[cand]
-        raise RuntimeError(f"no backend runs on device {dev!r}: {backends()}")
+        names = available(dev, auto=True)
+        if not names:
+            raise RuntimeError(f"no backend runs on device {dev!r}: {backends()}")
+        return _cache[names[0]]
     check_backend_name(name)
     b = _load(name)
     if b is None:
         raise RuntimeError(f"backend={name!r} is not available here: {_why[name]}")
-    if dev not in _KNOWN[name][2]:
-        raise ValueError(f"backend={name!r} does not run on device {dev!r} (it runs on {_KNOWN[name][2]})")
+    if dev not in b.devices:
+        raise ValueError(f"backend={name!r} does not run on device {dev!r} (it runs on {b.devices})")
     return b
 
 
-__all__ = ["backends", "check_backend_name", "get_backend", "ReferenceBackend"]
+__all__ = ["available", "backends", "check_backend_name", "get_backend", "ReferenceBackend"]

@@ -130,6 +130,7 @@ class ReferenceBackend:
     """Pure-PyTorch fused step and selection; runs on any device torch supports."""
 
     name = "reference"
+    devices = ("cpu", "cuda", "mps", "xpu")
 
     def step(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
              state: SampleState, cfg: LossConfig, epoch: int) -> torch.Tensor:

@@ -1,0 +1,246 @@
+"""The shared backend suite: every backend that runs here meets the same oracle.
+
+Parametrised over ``fastsel.backends.available("cpu")``; a new backend joins by being
+available. The oracle is ``F.cross_entropy`` for losses and gradients and the float64
+model in ``oracle.py`` for the per-sample state.
+"""
+import math
+
+import pytest
+import torch
+
+from fastsel import rng
+from fastsel.backends import get_backend
+from fastsel.checks import raise_for_errors
+from fastsel.config import LossConfig
+from fastsel.state import STAT_NONFINITE, SampleState
+from oracle import OracleState, ew_moments, expected_loss
+
+SIZES = [(c, b) for c in (2, 10, 100, 1000, 1001) for b in (1, 255, 4096)]
+
+
+def make_batch(gen, b, c, n, dtype=torch.float32, dup=True, ignore=0.0):
+    logits = (torch.randn(b, c, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, c, (b,), generator=gen)
+    if ignore:
+        labels[torch.rand(b, generator=gen) < ignore] = -100
+    hi = max(1, b // 3) if dup else n
+    indices = torch.randint(0, min(n, hi) if dup else n, (b,), generator=gen)
+    if not dup:
+        indices = torch.randperm(n, generator=gen)[:b]
+    return logits, labels, indices
+
+
+def run_step(name, logits, labels, indices, state, cfg, epoch=0):
+    x = logits.clone().requires_grad_(True)
+    out = get_backend(name, "cpu").step(x, labels, indices, state, cfg, epoch)
+    return out, x
+
+
+@pytest.mark.parametrize("c,b", SIZES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_and_grad_match_cross_entropy(backend_name, gen, c, b, reduction):
+    n = 5000
+    logits, labels, indices = make_batch(gen, b, c, n, ignore=0.1)
+    cfg = LossConfig(reduction=reduction)
+    out, x = run_step(backend_name, logits, labels, indices, SampleState(n), cfg)
+    ref_x = logits.clone().requires_grad_(True)
+    ref = expected_loss(ref_x, labels, reduction)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn(ref.shape, generator=gen) if reduction == "none" else torch.tensor(1.0)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_label_smoothing_and_class_weights(backend_name, gen, smoothing, weighted):
+    c, b, n = 37, 300, 1000
+    logits, labels, indices = make_batch(gen, b, c, n, ignore=0.1)
+    w = torch.rand(c, generator=gen) + 0.5 if weighted else None
+    for reduction in ("mean", "sum", "none"):
+        cfg = LossConfig(reduction=reduction, label_smoothing=smoothing, class_weight=w)
+        out, x = run_step(backend_name, logits, labels, indices, SampleState(n), cfg)
+        ref_x = logits.clone().requires_grad_(True)
+        ref = expected_loss(ref_x, labels, reduction, label_smoothing=smoothing, class_weight=w)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        out.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits_accumulate_in_fp32(backend_name, gen, dtype):
+    c, b, n = 1001, 255, 600
+    logits, labels, indices = make_batch(gen, b, c, n, dtype=dtype)
+    state = SampleState(n)
+    out, x = run_step(backend_name, logits, labels, indices, state, LossConfig())
+    ref_x = logits.clone().requires_grad_(True)
+    ref = expected_loss(ref_x, labels, "mean")  # computed from the upcast logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.backward()
+    ref.backward()
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), rtol=1e-2, atol=1e-3)
+    oracle = OracleState(n)
+    oracle.step(logits.float(), labels, indices, epoch=0, ema=0.3)
+    torch.testing.assert_close(state.loss.double(), torch.tensor(oracle.loss, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_state_matches_float64_oracle(backend_name, gen):
+    """Several steps over several epochs, with duplicates, ignore_index, label smoothing and
+    NaN/inf rows: the state equals the float64 model of the documented update."""
+    n, c, ema = 97, 10, 0.3
+    cfg = LossConfig(label_smoothing=0.05, ema=ema)
+    state, oracle = SampleState(n), OracleState(n)
+    nonfinite = 0
+    for step in range(12):
+        logits, labels, indices = make_batch(gen, 61, c, n, dup=step % 2 == 0, ignore=0.1)
+        logits[3, 2] = float("nan")
+        logits[7, 0] = float("inf")
+        nonfinite += int((labels[[3, 7]] != -100).sum())
+        run_step(backend_name, logits, labels, indices, state, cfg, epoch=step // 4)
+        oracle.step(logits, labels, indices, epoch=step // 4, ema=ema, label_smoothing=0.05)
+    torch.testing.assert_close(state.loss.double(), torch.tensor(oracle.loss, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state.loss_var.double(), torch.tensor(oracle.var, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(state.p_true.double(), torch.tensor(oracle.p, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert state.seen.tolist() == oracle.seen
+    assert state.last_epoch.tolist() == oracle.last
+    assert int(state.stats[STAT_NONFINITE]) == nonfinite > 0  # rows 3 and 7, unless ignored
+
+
+def test_ema_variance_equals_float64_recomputation(backend_name, gen):
+    """The running EMA variance equals the exponentially weighted variance recomputed in
+    float64 from each sample's whole loss history."""
+    n, c, ema = 40, 7, 0.25
+    state, oracle = SampleState(n), OracleState(n)
+    for step in range(15):
+        logits, labels, indices = make_batch(gen, 30, c, n, dup=False)
+        run_step(backend_name, logits, labels, indices, state, LossConfig(ema=ema), epoch=step)
+        oracle.step(logits, labels, indices, epoch=step, ema=ema)
+    checked = 0
+    for i in range(n):
+        hist = oracle.history[i]
+        if len(hist) < 3:
+            continue
+        mean, var = ew_moments(hist, ema)
+        assert math.isclose(float(state.loss[i]), mean, rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(float(state.loss_var[i]), var, rel_tol=1e-4, abs_tol=1e-6)
+        checked += 1
+    assert checked > n // 2
+
+
+def test_duplicates_are_deterministic_and_order_free(backend_name, gen):
+    n, c = 50, 10
+    logits, labels, _ = make_batch(gen, 200, c, n)
+    indices = torch.randint(0, 8, (200,), generator=gen)  # heavy duplication
+    states = []
+    for perm in (torch.arange(200), torch.arange(200), torch.randperm(200, generator=gen)):
+        st = SampleState(n)
+        run_step(backend_name, logits[perm], labels[perm], indices[perm], st, LossConfig())
+        states.append(st)
+    for f in ("loss", "loss_var", "p_true", "seen"):
+        assert torch.equal(getattr(states[0], f), getattr(states[1], f)), f
+        torch.testing.assert_close(getattr(states[0], f), getattr(states[2], f), rtol=1e-6, atol=0)
+    assert int(states[0].seen.sum()) == 200
+
+
+def test_nonfinite_losses_never_enter_state(backend_name, gen):
+    n, c = 20, 5
+    state = SampleState(n)
+    logits, labels, indices = make_batch(gen, 10, c, n, dup=False)
+    logits[0] = float("nan")
+    logits[1, labels[1]] = float("-inf")
+    out, _ = run_step(backend_name, logits, labels, indices, state, LossConfig())
+    assert torch.isnan(out) or torch.isinf(out)  # propagates, as F.cross_entropy does (AMP relies on it)
+    assert int(state.seen[indices[0]]) == 0 and int(state.seen[indices[1]]) == 0
+    assert int(state.seen[indices[2:]].sum()) == 8
+    assert torch.isfinite(state.loss).all() and torch.isfinite(state.loss_var).all()
+    assert int(state.stats[STAT_NONFINITE]) == 2
+
+
+def _snapshot(state):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.state_dict().items()}
+
+
+def _assert_same(a, b):
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("bad", ["index_high", "index_negative", "label_high", "label_negative"])
+def test_bad_values_strict_refused_state_untouched(backend_name, gen, bad):
+    n, c = 30, 6
+    state = SampleState(n)
+    logits, labels, indices = make_batch(gen, 12, c, n, dup=False)
+    run_step(backend_name, logits, labels, indices, state, LossConfig())
+    before = _snapshot(state)
+    value = {"index_high": n, "index_negative": -3, "label_high": c, "label_negative": -7}[bad]
+    if bad.startswith("index"):
+        indices = indices.clone()
+        indices[5] = value
+    else:
+        labels = labels.clone()
+        labels[5] = value
+    with pytest.raises(IndexError, match=str(value)) as ei:
+        run_step(backend_name, logits, labels, indices, state, LossConfig(strict=True))
+    assert ("indices" if bad.startswith("index") else "labels") in str(ei.value)
+    _assert_same(before, _snapshot(state))
+
+
+def test_bad_values_deferred_are_masked_counted_and_raised_later(backend_name, gen):
+    n, c = 30, 6
+    state = SampleState(n)
+    logits, labels, indices = make_batch(gen, 12, c, n, dup=False)
+    indices = indices.clone()
+    labels = labels.clone()
+    indices[2] = n + 5
+    labels[4] = c
+    run_step(backend_name, logits, labels, indices, state, LossConfig(strict=False))
+    good = [r for r in range(12) if r not in (2, 4)]
+    assert int(state.seen.sum()) == len(good)
+    assert int(state.seen[indices[4]]) == 0
+    errs = state.take_errors()
+    with pytest.raises(IndexError, match=str(n + 5)):
+        raise_for_errors(errs, n, c)
+    assert int(state.errors.abs().sum()) == 0
+
+
+def test_policy_weights_scale_each_row(backend_name, gen):
+    n, c = 64, 10
+    state = SampleState(n)
+    state.weight.copy_(torch.rand(n, generator=gen) * 2)
+    logits, labels, indices = make_batch(gen, 40, c, n)
+    for reduction in ("mean", "sum", "none"):
+        out, x = run_step(backend_name, logits, labels, indices, state, LossConfig(reduction=reduction))
+        ref_x = logits.clone().requires_grad_(True)
+        per = expected_loss(ref_x, labels, "none") * state.weight[indices]
+        ref = {"mean": per.sum() / len(per), "sum": per.sum(), "none": per}[reduction]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        out.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 1000, 1337, 4099])
+def test_select_is_top_k_with_ties_by_index(backend_name, gen, n):
+    b = get_backend(backend_name, "cpu")
+    keys = torch.randint(0, 7, (n,), generator=gen).float()  # many ties
+    keys[torch.rand(n, generator=gen) < 0.05] = float("nan")
+    order = sorted(range(n), key=lambda i: (float("inf") if math.isnan(keys[i]) else -float(keys[i]), i))
+    for k in sorted({1, n // 3 or 1, n}):
+        assert b.select(keys, k).tolist() == order[:k]
+
+
+def test_noise_and_shuffle_are_bit_exact_with_reference(backend_name, gen):
+    b, ref = get_backend(backend_name, "cpu"), get_backend("reference", "cpu")
+    idx = torch.arange(1337)
+    u = b.uniform(idx, 12345, rng.STREAM_SELECT)
+    assert torch.equal(u, rng.uniform(idx, 12345, rng.STREAM_SELECT))
+    assert 0.0 < float(u.min()) and float(u.max()) < 1.0
+    chosen = torch.randperm(1337, generator=gen)[:500]
+    s = b.shuffle(chosen, 777)
+    assert torch.equal(s, ref.shuffle(chosen, 777))
+    assert sorted(s.tolist()) == sorted(chosen.tolist())
