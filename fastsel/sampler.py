@@ -67,11 +67,17 @@ class _EpochIterator(Iterator[int]):
         s._yielded += 1
         return v
 
+    # torchdata's StatefulDataLoader snapshots this when it fetches the batch it hands to
+    # the user, restores the sampler first and then this: the position it carries is then
+    # exactly what the user received.
     def state_dict(self) -> Dict[str, Any]:
-        return self.sampler.state_dict()
+        return {"epoch": self.sampler.epoch, "yielded": self.i}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        self.sampler.load_state_dict(sd)
+        if sd.get("epoch") != self.sampler.epoch:
+            raise ValueError(f"iterator state is for epoch {sd.get('epoch')}, "
+                             f"the sampler is at epoch {self.sampler.epoch}")
+        self.sampler.position = int(sd["yielded"])
         self._reset()
 
 
