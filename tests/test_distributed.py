@@ -1,0 +1,95 @@
+"""Two gloo ranks on the CPU: the same state and selection on every rank after each
+selection pass, equal disjoint shards, and the same state a single process reaches."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastsel
+from helpers import train_epoch
+
+pytestmark = pytest.mark.slow
+
+
+def _worker(rank, world, init_file, out_dir, n, policy, kwargs):
+    sys.path.insert(0, os.path.dirname(__file__))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        s = fastsel.Sampler(n, policy=policy, seed=5, **kwargs)
+        assert (s.world_size, s.rank) == (world, rank)
+        record = []
+        for e in s.epochs():
+            shard = s.epoch_indices()  # the selection pass: synchronises the state
+            state = {k: v.clone() for k, v in s.state.state_dict().items() if isinstance(v, torch.Tensor)}
+            trained = train_epoch(s, 8)
+            assert trained == shard
+            record.append({"epoch": e, "len": len(s) + s.position, "shard": trained,
+                           "selection": s._selection.tolist(), "state": state})
+        s.set_epoch(s.epoch + 1)
+        s.epoch_indices()  # a last pass merges the last epoch's updates
+        final = {k: v.clone() for k, v in s.state.state_dict().items() if isinstance(v, torch.Tensor)}
+        torch.save({"record": record, "final": final, "summary": dict(s.summary())},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, n, policy, world=2, **kwargs):
+    init = tmp_path / "init"
+    mp.start_processes(_worker, args=(world, str(init), str(tmp_path), n, policy, kwargs),
+                       nprocs=world, join=True, start_method="spawn")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def single_process(n, policy, **kwargs):
+    s = fastsel.Sampler(n, policy=policy, seed=5, num_replicas=1, rank=0, **kwargs)
+    states = []
+    for _ in s.epochs():
+        s.epoch_indices()
+        states.append({k: v.clone() for k, v in s.state.state_dict().items() if isinstance(v, torch.Tensor)})
+        train_epoch(s, 8)
+    return states
+
+
+@pytest.mark.parametrize("policy", ["tftb", "p-sgd", "infobatch"])
+def test_two_ranks_share_state_and_selection_with_disjoint_equal_shards(tmp_path, policy):
+    n = 200
+    kw = dict(budget=0.5, epochs=4)
+    r0, r1 = run_ranks(tmp_path, n, policy, **kw)
+    single = single_process(n, policy, **kw)
+    for e, (a, b) in enumerate(zip(r0["record"], r1["record"])):
+        assert a["selection"] == b["selection"]
+        for k in a["state"]:
+            assert torch.equal(a["state"][k], b["state"][k]), (e, k)
+            # the same state one process reaches training every selected sample itself
+            torch.testing.assert_close(a["state"][k], single[e][k], rtol=1e-6, atol=1e-7)
+        assert len(a["shard"]) == len(b["shard"]) == a["len"] == 50
+        assert not set(a["shard"]) & set(b["shard"])
+        assert sorted(a["shard"] + b["shard"]) == sorted(a["selection"])
+    for k in r0["final"]:
+        assert torch.equal(r0["final"][k], r1["final"][k]), k
+    assert r0["summary"]["passes"] == 4 * 100
+
+
+@pytest.mark.parametrize("drop_last,per_rank", [(False, 51), (True, 50)])
+def test_uneven_selection_pads_or_drops_to_equal_shards(tmp_path, drop_last, per_rank):
+    r0, r1 = run_ranks(tmp_path, 201, "uniform", budget=0.5, epochs=2, drop_last=drop_last)
+    for a, b in zip(r0["record"], r1["record"]):
+        assert len(a["shard"]) == len(b["shard"]) == per_rank
+        sel = a["selection"]
+        assert len(sel) == 101
+        union = a["shard"] + b["shard"]
+        if drop_last:
+            assert sorted(union) == sorted(sel[:100])
+        else:
+            assert set(union) == set(sel) and len(union) == 102  # one sample padded in
+
+
+def test_time_budget_ranks_agree_on_epochs(tmp_path):
+    r0, r1 = run_ranks(tmp_path, 64, "tftb", time_budget=1e6, epochs=3)
+    assert [a["epoch"] for a in r0["record"]] == [b["epoch"] for b in r1["record"]] == [0, 1, 2]
+    for a, b in zip(r0["record"], r1["record"]):
+        assert a["selection"] == b["selection"]
