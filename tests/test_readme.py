@@ -1,0 +1,28 @@
+"""The README's example runs as written, and its commands are the ones CI uses."""
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_readme_example_runs(tmp_path, monkeypatch, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", readme(), re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    s = scope["sampler"]
+    assert s.summary()["passes"] == 10 * 300
+    assert "passes_saved" in capsys.readouterr().out
+
+
+def test_ci_runs_the_readme_test_command():
+    text = readme()
+    assert "make run" in text and "make test" in text
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert "make test" in f.read()
