@@ -52,11 +52,18 @@ def row_masks(labels: torch.Tensor, indices: torch.Tensor, n: int, num_classes: 
     return active, bad_index, bad_label
 
 
+def first_flagged(values: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """The value at the first flagged row, as a 0-d int64 tensor (no host sync: indexing
+    with a 0-d tensor would call ``.item()``)."""
+    pos = torch.argmax(bad.to(torch.int8)).reshape(1)
+    return values.to(torch.int64).index_select(0, pos).reshape(())
+
+
 def record_errors(state: SampleState, values: torch.Tensor, bad: torch.Tensor,
                   count_slot: int, value_slot: int) -> None:
     """Count bad rows and keep one offending value, on the device, without a sync."""
     cnt = bad.sum()
-    first = values.to(torch.int64)[torch.argmax(bad.to(torch.int8))]
+    first = first_flagged(values, bad)
     had_none = state.errors[count_slot] == 0
     state.errors[value_slot] = torch.where(had_none & (cnt > 0), first, state.errors[value_slot])
     state.errors[count_slot] += cnt
@@ -137,8 +144,8 @@ class ReferenceBackend:
         n, c = state.n, logits.shape[1]
         active, bad_index, bad_label = row_masks(labels, indices, n, c, cfg.ignore_index)
         if cfg.strict:
-            errs = torch.stack([bad_index.sum(), indices.to(torch.int64)[torch.argmax(bad_index.to(torch.int8))],
-                                bad_label.sum(), labels.to(torch.int64)[torch.argmax(bad_label.to(torch.int8))]])
+            errs = torch.stack([bad_index.sum(), first_flagged(indices, bad_index),
+                                bad_label.sum(), first_flagged(labels, bad_label)])
             if bool((errs[0] + errs[2]) > 0):
                 raise_for_errors(errs.cpu(), n, c)
         else:
