@@ -122,6 +122,9 @@ class Sampler(torch.utils.data.Sampler[int]):
         _check_budget(budget, time_budget, epochs)
         self.n = n
         self.policy = make_policy(policy, **policy_kwargs)
+        if budget is not None and self.policy.keep != 1.0:
+            raise ValueError(f"keep={self.policy.keep} sets the share per epoch under a time budget; "
+                             f"with budget={budget} the share is the budget")
         self.budget = None if budget is None else float(budget)
         self.time_budget = None if time_budget is None else float(time_budget)
         self.epochs_total = epochs

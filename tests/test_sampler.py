@@ -183,6 +183,8 @@ def test_infobatch_weight_is_applied_in_the_loss():
     (dict(budget=0.3, epochs=3, policy="tftb", alpha=1.5), "alpha=1.5"),
     (dict(budget=0.3, epochs=3, policy="infobatch", prune=1.0), "prune=1.0"),
     (dict(budget=0.3, epochs=3, num_replicas=2, rank=2), "rank=2"),
+    (dict(budget=0.3, epochs=3, keep=0.5), "keep=0.5"),
+    (dict(time_budget=9, keep=1.5), "keep=1.5"),
 ])
 def test_bad_arguments_name_the_argument_and_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -350,6 +352,23 @@ def test_dataloader_with_workers(ctx):
         got += idx.tolist()
     assert got == expected and len(got) == 32
     assert s.position == 32
+
+
+def test_import_needs_neither_triton_nor_the_extension():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None; sys.modules['fastsel._C'] = None\n"
+            "import torch, fastsel\n"
+            "info = fastsel.backends()\n"
+            "assert info['reference'].startswith('available'), info\n"
+            "assert not info['triton'].startswith('available') and not info['cpu'].startswith('available'), info\n"
+            "s = fastsel.Sampler(10, budget=0.5, epochs=1)\n"
+            "i = torch.tensor(s.epoch_indices())\n"
+            "s.loss(torch.randn(5, 3), i % 3, i)\n"
+            "print(s.summary()['backend'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reference"
 
 
 def test_state_follows_the_logits_device_and_backends_report():
