@@ -18,3 +18,11 @@ from .schedule import BudgetLR
 __version__ = "0.1.0"
 
 __all__ = ["Sampler", "BudgetLR", "with_indices", "backends", "POLICIES", "__version__"]
+
+
+def __getattr__(name: str):
+    # fastsel.ffcv imports FFCV, so it loads on first use, not with fastsel.
+    if name == "ffcv":
+        import importlib
+        return importlib.import_module(".ffcv", __name__)
+    raise AttributeError(f"module 'fastsel' has no attribute {name!r}")
