@@ -7,6 +7,7 @@ selection reads that state.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sized, Union
@@ -15,6 +16,7 @@ import torch
 
 from . import rng
 from .backends import check_backend_name, get_backend
+from .backends.reference import weighted_loss
 from .checks import check_step_args, raise_for_errors
 from .config import LossConfig
 from .distributed import StateSync, world
@@ -340,13 +342,20 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._selection_time += time.perf_counter() - t0
 
     # ---- the loss call ----------------------------------------------------------------
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, *,
+             reduction: Optional[str] = None, update: bool = True) -> torch.Tensor:
         """Per-sample cross-entropy folded into the per-sample state; returns the loss to
-        backprop (policy weights applied, reduced as ``reduction`` says). No host sync."""
+        backprop (policy weights applied, reduced as ``reduction`` says). No host sync.
+
+        ``reduction`` overrides the sampler's for this call. ``update=False`` computes the
+        same loss without touching the state or the epoch position: for a second pass over
+        samples already observed (e.g. the backward batch of a batch-level policy).
+        """
         dev = logits.device if isinstance(logits, torch.Tensor) else None
         if dev is not None and self.cfg.class_weight is not None and self.cfg.class_weight.device != dev:
             self.cfg.class_weight = self.cfg.class_weight.to(dev)
-        check_step_args(logits, labels, indices, self.cfg)
+        cfg = self.cfg if reduction is None else dataclasses.replace(self.cfg, reduction=reduction)
+        check_step_args(logits, labels, indices, cfg)
         if self.state.device != dev:
             if self._fixed_device is not None:
                 raise ValueError(f"logits are on {dev} but the sampler's state is on "
@@ -356,8 +365,10 @@ class Sampler(torch.utils.data.Sampler[int]):
                 self._sync.to(dev)
             if self._selection is not None:
                 self._selection = self._selection.to(dev)
-        self.cfg.strict = (dev.type == "cpu") if self._strict is None else bool(self._strict)
-        out = self._get_backend(dev).step(logits, labels, indices, self.state, self.cfg, self.epoch)
+        cfg.strict = (dev.type == "cpu") if self._strict is None else bool(self._strict)
+        if not update:
+            return weighted_loss(logits, labels, indices, self.state, cfg)
+        out = self._get_backend(dev).step(logits, labels, indices, self.state, cfg, self.epoch)
         b = int(logits.shape[0])
         self.position += b
         self._trained += b

@@ -379,3 +379,21 @@ def test_state_follows_the_logits_device_and_backends_report():
     assert s.state.device.type == "cpu"
     s.loss(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([0, 1]))
     assert s.summary()["backend"] == "reference"
+
+
+def test_loss_reduction_override_and_update_false():
+    s = fastsel.Sampler(30, policy="uniform", budget=1.0, epochs=1)
+    s.state.weight.copy_(torch.linspace(0.5, 2.0, 30))
+    idx = torch.tensor([3, 7, 7, 20])
+    logits = torch.randn(4, 6)
+    y = torch.tensor([0, 5, 5, 2])
+    per = s.loss(logits, y, idx, reduction="none", update=False)
+    ref = torch.nn.functional.cross_entropy(logits, y, reduction="none") * s.state.weight[idx]
+    torch.testing.assert_close(per, ref)
+    assert int(s.state.seen.sum()) == 0 and s.position == 0  # nothing observed
+    torch.testing.assert_close(s.loss(logits, y, idx, reduction="sum"), ref.sum())
+    assert int(s.state.seen.sum()) == 4 and s.position == 4
+    with pytest.raises(ValueError, match="reduction='avg'"):
+        s.loss(logits, y, idx, reduction="avg")
+    with pytest.raises(IndexError, match="99"):
+        s.loss(logits, y, torch.tensor([3, 7, 7, 99]), update=False)

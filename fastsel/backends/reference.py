@@ -133,6 +133,55 @@ def update_state(state: SampleState, indices: torch.Tensor, loss: torch.Tensor,
     state.stats[STAT_EPOCH_COUNT] += count.sum()
 
 
+def _reduce(per_row: torch.Tensor, active: torch.Tensor, w_y: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    return total / torch.where(active, w_y, torch.zeros_like(w_y)).sum()
+
+
+def _check_or_record(state: SampleState, labels: torch.Tensor, indices: torch.Tensor,
+                     bad_index: torch.Tensor, bad_label: torch.Tensor, strict: bool, c: int) -> None:
+    if strict:
+        errs = torch.stack([bad_index.sum(), first_flagged(indices, bad_index),
+                            bad_label.sum(), first_flagged(labels, bad_label)])
+        if bool((errs[0] + errs[2]) > 0):
+            raise_for_errors(errs.cpu(), state.n, c)
+    else:
+        record_errors(state, indices, bad_index, ERR_INDEX_COUNT, ERR_INDEX_VALUE)
+        record_errors(state, labels, bad_label, ERR_LABEL_COUNT, ERR_LABEL_VALUE)
+
+
+def _prepare(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+             state: SampleState, cfg: LossConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Refuse or record bad rows; return (active rows, safe labels, safe indices) where a
+    masked row has label 0 and targets the scratch slot."""
+    n, c = state.n, logits.shape[1]
+    active, bad_index, bad_label = row_masks(labels, indices, n, c, cfg.ignore_index)
+    _check_or_record(state, labels, indices, bad_index, bad_label, cfg.strict, c)
+    safe_labels = torch.where(active, labels, torch.zeros_like(labels)).to(torch.int64)
+    safe_idx = torch.where(active, indices, torch.full_like(indices, n)).to(torch.int64)
+    return active, safe_labels, safe_idx
+
+
+def _weighted_rows(weighted: torch.Tensor, active: torch.Tensor, safe_idx: torch.Tensor,
+                   state: SampleState) -> torch.Tensor:
+    """Each active row's loss times its policy weight; 0 for masked rows."""
+    zero = torch.zeros((), dtype=torch.float32, device=weighted.device)
+    return torch.where(active, state.buffers()["weight"][safe_idx] * weighted, zero)
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                  state: SampleState, cfg: LossConfig) -> torch.Tensor:
+    """The step's returned loss (policy weights applied) without touching the per-sample
+    state; bad values are refused or recorded as in ``step``."""
+    active, safe_labels, safe_idx = _prepare(logits, labels, indices, state, cfg)
+    _, weighted, w_y, _ = per_sample_loss(logits, safe_labels, cfg)
+    return _reduce(_weighted_rows(weighted, active, safe_idx, state), active, w_y, cfg.reduction)
+
+
 class ReferenceBackend:
     """Pure-PyTorch fused step and selection; runs on any device torch supports."""
 
@@ -141,33 +190,15 @@ class ReferenceBackend:
 
     def step(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
              state: SampleState, cfg: LossConfig, epoch: int) -> torch.Tensor:
-        n, c = state.n, logits.shape[1]
-        active, bad_index, bad_label = row_masks(labels, indices, n, c, cfg.ignore_index)
-        if cfg.strict:
-            errs = torch.stack([bad_index.sum(), first_flagged(indices, bad_index),
-                                bad_label.sum(), first_flagged(labels, bad_label)])
-            if bool((errs[0] + errs[2]) > 0):
-                raise_for_errors(errs.cpu(), n, c)
-        else:
-            record_errors(state, indices, bad_index, ERR_INDEX_COUNT, ERR_INDEX_VALUE)
-            record_errors(state, labels, bad_label, ERR_LABEL_COUNT, ERR_LABEL_VALUE)
-        safe_labels = torch.where(active, labels, torch.zeros_like(labels)).to(torch.int64)
-        safe_idx = torch.where(active, indices, torch.full_like(indices, n)).to(torch.int64)
+        active, safe_labels, safe_idx = _prepare(logits, labels, indices, state, cfg)
         loss, weighted, w_y, p_true = per_sample_loss(logits, safe_labels, cfg)
-        policy_w = state.buffers()["weight"][safe_idx]
-        zero = torch.zeros((), dtype=torch.float32, device=logits.device)
-        per_row = torch.where(active, policy_w * weighted, zero)
+        per_row = _weighted_rows(weighted, active, safe_idx, state)
         with torch.no_grad():
             det = loss.detach()
             finite = torch.isfinite(det)
             state.stats[STAT_NONFINITE] += (active & ~finite).sum()
             update_state(state, safe_idx, det, p_true, active & finite, epoch, cfg.ema)
-        if cfg.reduction == "none":
-            return per_row
-        total = per_row.sum()
-        if cfg.reduction == "sum":
-            return total
-        return total / torch.where(active, w_y, zero).sum()
+        return _reduce(per_row, active, w_y, cfg.reduction)
 
     def uniform(self, idx: torch.Tensor, key: int, stream: int) -> torch.Tensor:
         return rng.uniform(idx, key, stream)
