@@ -46,7 +46,7 @@ constraints="$VENV/fastsel-constraints.txt"
 echo "torch==$torch_ver" > "$constraints"
 
 log "installing triton, numpy, test and job tools"
-pip_install -c "$constraints" triton numpy pytest pytest-benchmark tqdm scikit-learn torchdata setuptools wheel ninja
+pip_install -c "$constraints" triton numpy pytest pytest-benchmark tqdm scikit-learn torchdata matplotlib setuptools wheel ninja
 
 log "installing FFCV"
 pip_install -c "$constraints" pillow numba opencv-python-headless

@@ -1,9 +1,13 @@
-"""The ``fastsel`` command line (also ``python -m fastsel``)."""
+"""The ``fastsel`` command line (also ``python -m fastsel``): run, compare, bench, report,
+backends."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import List, Optional
+
+from .compare import DEFAULT_BUDGETS, DEFAULT_POLICIES
 
 
 def _budget(text: str) -> float:
@@ -16,6 +20,10 @@ def _budget(text: str) -> float:
     return b
 
 
+def _budgets(text: str) -> List[float]:
+    return [_budget(t) for t in text.split(",") if t.strip()] or [_budget(text)]
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -23,6 +31,36 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"a time budget must be > 0 seconds, got {text}")
+    return v
+
+
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return v
+
+
+def _imbalance(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1], got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"imbalance is the rarest/most frequent class ratio in (0, 1], got {text}")
     return v
 
 
@@ -35,40 +73,135 @@ def _policies(text: str) -> List[str]:
     return names
 
 
+def _dataset(text: str) -> str:
+    if text in ("digits", "synthetic") or text.startswith(("folder:", "beton:")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"dataset must be digits, synthetic, folder:PATH or beton:PATH[,TEST_PATH], got {text!r}")
+
+
+def _training_args(p: argparse.ArgumentParser, epochs: int, seeds: int) -> None:
+    p.add_argument("--epochs", type=_positive, default=epochs, help=f"epochs of full training (default {epochs})")
+    p.add_argument("--seeds", type=_positive, default=seeds, help=f"seeds per setting (default {seeds})")
+    p.add_argument("--batch-size", type=_positive, default=32, help="batch size (default 32)")
+    p.add_argument("--lr", type=float, default=0.05, help="initial learning rate (default 0.05)")
+    p.add_argument("--backend", default="auto", help="fastsel backend (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastsel", description="Budgeted training by sample selection.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="fastsel", description="Budgeted training by data-loader-level sample selection.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     run = sub.add_parser("run", help="the main job: full training vs policies at one budget on digits",
-                         description="Train a small CNN on scikit-learn's digits with full data and "
-                                     "with each policy at the same budget (SGD + BudgetLR), and "
-                                     "print test accuracy, wall time and passes saved.")
+                         description="Train a small CNN on scikit-learn's real digits images with full data "
+                                     "and with each policy at the same budget (SGD + BudgetLR, same recipe), "
+                                     "and print test accuracy, wall time and passes saved.")
     run.add_argument("--budget", type=_budget, default=0.3, help="fraction of full training (default 0.3)")
-    run.add_argument("--epochs", type=_positive, default=30, help="epochs of full training (default 30)")
-    run.add_argument("--policies", type=_policies, default=None,
+    run.add_argument("--policies", type=_policies, default=list(DEFAULT_POLICIES),
                      help="comma-separated (default uniform,p-sgd,tftb,infobatch)")
-    run.add_argument("--seeds", type=_positive, default=3, help="seeds per run (default 3)")
-    run.add_argument("--batch-size", type=_positive, default=32)
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--out", default="results/run", help="results folder (default results/run)")
+    _training_args(run, epochs=30, seeds=3)
+
+    cmp_ = sub.add_parser("compare", help="policies x budgets x seeds, with full training and uniform",
+                          description="Compare policies at several budgets (or at one time budget) over "
+                                      "several seeds, always with full training and the uniform + linear-LR "
+                                      "baseline; writes results.json, results.md and PNG plots.")
+    cmp_.add_argument("--dataset", type=_dataset, default="digits",
+                      help="digits (default), synthetic, folder:PATH, or beton:PATH[,TEST_PATH]")
+    cmp_.add_argument("--policies", type=_policies, default=list(DEFAULT_POLICIES),
+                      help="comma-separated (uniform and full training are always included)")
+    cmp_.add_argument("--budgets", type=_budgets, default=list(DEFAULT_BUDGETS),
+                      help="comma-separated fractions (default 0.2,0.3,0.5)")
+    cmp_.add_argument("--time-budget", type=_seconds, default=None,
+                      help="compare at this many wall-clock seconds per run instead of fraction budgets")
+    cmp_.add_argument("--n-train", type=_positive, default=5000, help="synthetic: training images (default 5000)")
+    cmp_.add_argument("--n-test", type=_positive, default=1000, help="synthetic: test images (default 1000)")
+    cmp_.add_argument("--label-noise", type=_share, default=0.0, help="synthetic: share of flipped training labels")
+    cmp_.add_argument("--imbalance", type=_imbalance, default=1.0,
+                      help="synthetic: rarest/most frequent class ratio (default 1.0, balanced)")
+    cmp_.add_argument("--image-size", type=_positive, default=32, help="folder: resize images to this size")
+    cmp_.add_argument("--out", default="results/compare", help="results folder (default results/compare)")
+    _training_args(cmp_, epochs=20, seeds=3)
+
+    bench = sub.add_parser("bench", help="micro-benchmarks of the fused step and the selection per backend",
+                           description="Time the fused step and the selection of every available backend "
+                                       "against plain PyTorch in the same run, and print the ratios.")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    bench.add_argument("--backends", default=None, help="comma-separated (default: every available one)")
+    bench.add_argument("--full", action="store_true", help="the full size grid (default: a quick one)")
+    bench.add_argument("--out", default=None, help="also write the results as JSON here")
+
+    rep = sub.add_parser("report", help="markdown report and plots from a saved results folder",
+                         description="Re-render results.md and the PNG plots from RESULTS_DIR/results.json.")
+    rep.add_argument("results_dir", help="a folder written by fastsel compare or fastsel run")
+
     sub.add_parser("backends", help="list the backends and why any is unavailable")
     return p
 
 
+def _compare(args: argparse.Namespace, argv: List[str], policies: List[str], budgets: List[float],
+             time_budget: Optional[float], dataset: str) -> int:
+    from . import compare, datasets
+    kwargs = {}
+    if dataset == "synthetic":
+        kwargs = dict(n_train=args.n_train, n_test=args.n_test, label_noise=args.label_noise,
+                      imbalance=args.imbalance)
+    elif dataset.startswith("folder:"):
+        kwargs = dict(size=args.image_size)
+    try:
+        data = datasets.load(dataset, **kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastsel: error: {e}", file=sys.stderr)
+        return 2
+    specs = compare.plan(policies, budgets, range(args.seeds), args.epochs, time_budget,
+                         batch_size=args.batch_size, lr=args.lr, backend=args.backend)
+    results = compare.run(data, specs, show_progress=not args.no_progress)
+    meta = {"command": "fastsel " + " ".join(shlex.quote(a) for a in argv),
+            "dataset": f"{data.name} {data.info}" if data.info else data.name}
+    compare.save(results, args.out, meta)
+    rows = compare.aggregate([r.to_dict() for r in results])
+    m = compare.machine()
+    print(f"\n{data.name}: {len(data.train)} train / {len(data.test)} test images, small CNN, "
+          f"{args.epochs} epochs of full training, {args.seeds} seed(s); {m['cpu']}, torch {m['torch']}, "
+          f"{m['threads']} threads")
+    print(compare.format_table(rows))
+    print(compare.verdict(rows))
+    print(f"results, report and plots in {args.out}/")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "backends":
         from . import backends
         for name, status in backends().items():
             print(f"{name:<10} {status}")
         return 0
-    from .job import DEFAULT_POLICIES, format_table, run_job
-    import torch
-    results = run_job(policies=args.policies or DEFAULT_POLICIES, budget=args.budget,
-                      epochs=args.epochs, seeds=range(args.seeds), batch_size=args.batch_size,
-                      show_progress=not args.no_progress)
-    print(f"\nsmall CNN on scikit-learn digits, {args.epochs} epochs of full training, "
-          f"budget {args.budget}, {args.seeds} seed(s), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(format_table(results))
+    if args.command == "run":
+        return _compare(args, argv, args.policies, [args.budget], None, "digits")
+    if args.command == "compare":
+        return _compare(args, argv, args.policies, args.budgets, args.time_budget, args.dataset)
+    if args.command == "report":
+        from .report import write_report
+        try:
+            path = write_report(args.results_dir)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"fastsel: error: {e}", file=sys.stderr)
+            return 2
+        print(open(path).read())
+        return 0
+    from . import bench
+    names = args.backends.split(",") if args.backends else None
+    try:
+        rows = bench.run_all(args.device, names, quick=not args.full)
+    except (ValueError, RuntimeError) as e:
+        print(f"fastsel: error: {e}", file=sys.stderr)
+        return 2
+    print(bench.format_results(rows))
+    if args.out:
+        bench.save(rows, args.out, "fastsel " + " ".join(argv))
     return 0
 
 

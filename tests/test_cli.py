@@ -1,30 +1,133 @@
-"""The command line: the main job end to end on a tiny setting, and refused arguments."""
+"""The command line end to end on tiny settings: run, compare (every dataset kind, time
+budgets), report, bench, backends; results files are written and readable; bad arguments
+are refused."""
+import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from fastsel import bench, compare, datasets
 from fastsel.cli import build_parser, main
-from fastsel.job import format_table, run_job
+from fastsel.report import PLOTS, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_main_job_tiny_run_prints_a_table(capsys):
-    assert main(["run", "--epochs", "2", "--seeds", "2", "--policies", "uniform,tftb", "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    lines = [l for l in out.splitlines() if l.split() and l.split()[0] in ("full", "uniform", "tftb")]
-    assert len(lines) == 3
-    full = lines[0].split()
-    assert full[1] == "1.00" and full[-2] == "0%"
-    uni = lines[1].split()
-    assert uni[1] == "0.30" and uni[-2] == "70%" and "±" in lines[1]
+def rows_of(out, names):
+    return [l.split() for l in out.splitlines() if l.split() and l.split()[0] in names]
 
 
-def test_job_results_are_real_training():
-    res = run_job(policies=["uniform"], budget=0.5, epochs=3, show_progress=False)
-    full, uni = res
-    assert full.passes == full.passes_full and uni.passes == round(0.5 * full.passes_full)
-    assert full.accuracy > 0.8  # three epochs on digits learn something
-    assert "uniform" in format_table(res)
+def assert_report(out_dir):
+    doc = json.load(open(os.path.join(out_dir, "results.json")))
+    assert doc["runs"] and doc["meta"]["machine"]["torch"]
+    md = open(os.path.join(out_dir, "results.md")).read()
+    assert "| policy |" in md and "uniform" in md and "full" in md
+    for p in PLOTS:
+        with open(os.path.join(out_dir, p), "rb") as f:
+            assert f.read(8) == PNG
+    return doc
+
+
+def test_run_prints_the_table_and_writes_results(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["run", "--epochs", "2", "--seeds", "2", "--policies", "uniform,tftb", "--no-progress",
+                 "--out", out]) == 0
+    text = capsys.readouterr().out
+    rows = rows_of(text, ("full", "uniform", "tftb"))
+    assert len(rows) == 3
+    assert rows[0][1] == "1" and rows[0][-1] == "0%"
+    assert rows[1][1] == "0.3" and rows[1][-1] == "70%" and "±" in rows[1]
+    assert "beats uniform" in text or "none clearly beats uniform" in text
+    doc = assert_report(out)
+    assert len(doc["runs"]) == 6 and doc["meta"]["command"].startswith("fastsel run")
+    full = [r for r in doc["runs"] if r["policy"] == "full"]
+    assert all(r["backward"] == r["passes_full"] for r in full)
+    assert sum(sum(r["selection_counts"][1:]) for r in full) > 0
+
+
+def test_compare_synthetic_with_noise_and_imbalance(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    assert main(["compare", "--dataset", "synthetic", "--n-train", "200", "--n-test", "50", "--label-noise",
+                 "0.2", "--imbalance", "0.2", "--budgets", "0.3,0.5", "--epochs", "2", "--seeds", "1",
+                 "--policies", "p-sgd", "--batch-size", "64", "--no-progress", "--out", out]) == 0
+    rows = rows_of(capsys.readouterr().out, ("full", "uniform", "p-sgd"))
+    assert [(r[0], r[1]) for r in rows] == [("full", "1"), ("uniform", "0.3"), ("p-sgd", "0.3"),
+                                            ("uniform", "0.5"), ("p-sgd", "0.5")]
+    assert "label_noise" in assert_report(out)["meta"]["dataset"]
+
+
+def test_compare_under_a_time_budget(tmp_path, capsys):
+    out = str(tmp_path / "t")
+    assert main(["compare", "--time-budget", "0.3", "--seeds", "1", "--policies", "tftb", "--no-progress",
+                 "--out", out]) == 0
+    rows = rows_of(capsys.readouterr().out, ("full", "uniform", "tftb"))
+    assert [r[1] for r in rows] == ["0.3s"] * 3 and all(r[-1] == "-" for r in rows)
+    doc = assert_report(out)
+    assert all(r["wall_s"] >= 0.3 for r in doc["runs"])
+
+
+def test_synthetic_dataset_options():
+    d = datasets.synthetic(n_train=1000, n_test=100, label_noise=0.3, imbalance=0.1, seed=1)
+    counts = d.info["class_counts"]
+    assert counts == sorted(counts, reverse=True) and counts[-1] / counts[0] == pytest.approx(0.1, abs=0.02)
+    assert abs(d.info["noisy_labels"] / len(d.train) - 0.3) < 0.05
+    x, y = d.train.tensors
+    assert x.shape[1:] == (3, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    again = datasets.synthetic(n_train=1000, n_test=100, label_noise=0.3, imbalance=0.1, seed=1)
+    assert (again.train.tensors[0] == x).all()  # seeded
+    with pytest.raises(ValueError, match="label_noise"):
+        datasets.synthetic(label_noise=1.0)
+
+
+def test_image_folder_and_beton_datasets(tmp_path):
+    from PIL import Image
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        os.makedirs(root / c)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    d = datasets.load(f"folder:{root}", size=16)
+    assert d.classes == 2 and d.info["classes"] == ["cat", "dog"]
+    assert len(d.train) + len(d.test) == 12 and d.train.tensors[0].shape[1:] == (3, 16, 16)
+    pytest.importorskip("ffcv")
+    from fastsel.ffcv import write_beton
+    x, y = d.train.tensors
+    path = write_beton([(x[i], int(y[i])) for i in range(len(y))], str(tmp_path / "t.beton"))
+    b = datasets.load(f"beton:{path},{path}")
+    assert len(b.train) == len(y) and b.classes == 2
+    np.testing.assert_allclose(b.train.tensors[0].numpy(), np.rint(x.numpy() * 255) / 255, atol=1e-6)
+    with pytest.raises(ValueError, match="does not exist"):
+        datasets.load(f"folder:{tmp_path / 'nope'}")
+
+
+def test_report_rerenders_and_refuses_a_folder_without_results(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    specs = compare.plan(["uniform"], [0.5], [0], 1)
+    compare.save(compare.run(datasets.digits(), specs, show_progress=False), out, {"command": "test"})
+    os.remove(os.path.join(out, "results.md"))
+    assert main(["report", out]) == 0
+    assert "| policy |" in capsys.readouterr().out
+    assert_report(out)
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        write_report(str(tmp_path / "missing"))
+
+
+def test_bench_measures_every_available_backend(tmp_path, capsys):
+    rows = bench.run_all("cpu", ["reference"], quick=True, min_run_time=0.01)
+    assert {r["kind"] for r in rows} == {"step", "select"}
+    assert all(r.get("fused_s", r.get("select_s")) > 0 for r in rows)
+    text = bench.format_results(rows)
+    assert "reference" in text and "ratio" in text
+    out = str(tmp_path / "b.json")
+    assert main(["bench", "--backends", "reference", "--out", out]) == 0
+    assert json.load(open(out))["results"]
+    assert main(["bench", "--backends", "bogus"]) == 2
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -32,6 +135,12 @@ def test_job_results_are_real_training():
     (["run", "--budget", "x"], "budget must be a number"),
     (["run", "--epochs", "-1"], "positive integer"),
     (["run", "--policies", "uniform,bogus"], "unknown policy"),
+    (["compare", "--budgets", "0.2,2"], "budget must be in (0, 1]"),
+    (["compare", "--time-budget", "0"], "must be > 0 seconds"),
+    (["compare", "--dataset", "cifar"], "dataset must be"),
+    (["compare", "--label-noise", "1"], "[0, 1)"),
+    (["compare", "--imbalance", "0"], "(0, 1]"),
+    (["report"], "results_dir"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments_are_refused(capsys, argv, msg):
@@ -41,7 +150,11 @@ def test_bad_arguments_are_refused(capsys, argv, msg):
     assert msg in capsys.readouterr().err
 
 
-def test_python_dash_m_backends():
+def test_help_and_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "fastsel", "backends"], capture_output=True, text=True,
                          check=True).stdout
     assert "reference" in out and "available" in out
+    for cmd in ("run", "compare", "bench", "report"):
+        h = subprocess.run([sys.executable, "-m", "fastsel", cmd, "--help"], capture_output=True, text=True,
+                           check=True).stdout
+        assert "usage: fastsel " + cmd in h

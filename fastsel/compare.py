@@ -1,0 +1,156 @@
+"""Policies × budgets × seeds under one recipe, aggregated as in Arazo et al.'s Table 2
+(seed 002) and TFTB's tables (seed 000): always with full training and the uniform +
+linear-LR baseline, and a plain verdict on which policy wins where."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .datasets import Data
+from .train import RunResult, RunSpec, train_one
+
+DEFAULT_POLICIES = ("uniform", "p-sgd", "tftb", "infobatch")
+DEFAULT_BUDGETS = (0.2, 0.3, 0.5)
+
+
+def plan(policies: Sequence[str], budgets: Sequence[float], seeds: Sequence[int], epochs: int,
+         time_budget: Optional[float] = None, **common: Any) -> List[RunSpec]:
+    """The runs of a comparison: full training, then uniform and every other policy at each
+    budget (or at the one time budget), for every seed."""
+    names = ["uniform"] + [p for p in policies if p not in ("uniform", "full")]
+    specs = []
+    for seed in seeds:
+        if time_budget is not None:
+            for p in ["full"] + names:
+                specs.append(RunSpec(p, time_budget=time_budget, epochs=epochs, seed=seed, **common))
+            continue
+        specs.append(RunSpec("full", budget=1.0, epochs=epochs, seed=seed, **common))
+        for b in budgets:
+            for p in names:
+                specs.append(RunSpec(p, budget=b, epochs=epochs, seed=seed, **common))
+    return specs
+
+
+def run(data: Data, specs: List[RunSpec], show_progress: bool = True) -> List[RunResult]:
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+        timed = any(s.time_budget is not None for s in specs)
+        total = None if timed else sum(
+            max(1, int(s.epochs * s.budget + 0.5)) if s.policy == "scan" else s.epochs for s in specs)
+        bar = tqdm(total=total, unit="epoch", desc=f"fastsel {data.name}")
+    try:
+        return [train_one(s, data.train, data.test, data.channels, data.size, data.classes, bar)
+                for s in specs]
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _mean_std(xs: Sequence[float]) -> tuple:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def aggregate(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (policy, budget): accuracy mean ± std over seeds, wall time, selection
+    share, forward/backward passes, speed-up against full training of the same seeds."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["policy"], r["budget"]), []).append(r)
+    full_wall = {r["seed"]: r["wall_s"] for r in results if r["policy"] == "full"}
+    rows = []
+    for (policy, budget), rs in groups.items():
+        acc, acc_sd = _mean_std([100.0 * r["accuracy"] for r in rs])
+        wall, _ = _mean_std([r["wall_s"] for r in rs])
+        speed = [full_wall[r["seed"]] / r["wall_s"] for r in rs if r["seed"] in full_wall and r["wall_s"] > 0]
+        rows.append({
+            "policy": policy, "budget": budget, "seeds": len(rs), "accuracy": acc, "accuracy_std": acc_sd,
+            "wall_s": wall, "selection_share": sum(r["selection_s"] for r in rs) / max(1e-12, sum(r["wall_s"] for r in rs)),
+            "forward": sum(r["forward"] for r in rs) // len(rs),
+            "backward": sum(r["backward"] for r in rs) // len(rs),
+            # Under a time budget every run trains until the clock stops: nothing is "saved".
+            "passes_saved": None if budget.endswith("s") else
+            sum(1.0 - r["backward"] / r["passes_full"] for r in rs) / len(rs),
+            "speedup": sum(speed) / len(speed) if speed else None,
+            "entropy": sum(r["entropy"] for r in rs) / len(rs),
+        })
+    return rows
+
+
+def format_table(rows: Sequence[Dict[str, Any]], markdown: bool = False) -> str:
+    head = ["policy", "budget", "test acc %", "wall s", "speed-up", "select %", "fwd", "bwd", "saved"]
+    lines = []
+    for r in rows:
+        acc = f"{r['accuracy']:.2f}" + (f" ± {r['accuracy_std']:.2f}" if r["seeds"] > 1 else "")
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        lines.append([r["policy"], r["budget"], acc, f"{r['wall_s']:.2f}", speed,
+                      f"{100 * r['selection_share']:.1f}", str(r["forward"]), str(r["backward"]),
+                      "-" if r["passes_saved"] is None else f"{100 * r['passes_saved']:.0f}%"])
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(l) + " |" for l in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), "-" * (sum(widths) + 2 * (len(widths) - 1))] + [fmt(l) for l in lines])
+
+
+def verdict(rows: Sequence[Dict[str, Any]]) -> str:
+    """A plain sentence per budget: does any policy beat uniform by more than the noise?"""
+    out = []
+    budgets = [b for b in dict.fromkeys(r["budget"] for r in rows) if b not in ("1",)]
+    full = next((r for r in rows if r["policy"] == "full"), None)
+    for b in budgets:
+        at = [r for r in rows if r["budget"] == b and r["policy"] != "full"]
+        uni = next((r for r in at if r["policy"] == "uniform"), None)
+        if uni is None or len(at) < 2:
+            continue
+        best = max(at, key=lambda r: r["accuracy"])
+        noise = max(best["accuracy_std"], uni["accuracy_std"])
+        gap = best["accuracy"] - uni["accuracy"]
+        if best["policy"] == "uniform":
+            s = f"At budget {b}, no policy beats uniform: uniform has the best mean accuracy ({uni['accuracy']:.2f}%)."
+        elif best["seeds"] > 1 and gap > noise:
+            s = (f"At budget {b}, {best['policy']} beats uniform by {gap:.2f} points "
+                 f"({best['accuracy']:.2f}% vs {uni['accuracy']:.2f}%), more than one std ({noise:.2f}).")
+        else:
+            s = (f"At budget {b}, {best['policy']} has the best mean ({best['accuracy']:.2f}% vs uniform "
+                 f"{uni['accuracy']:.2f}%), but within the seed noise ({noise:.2f}): none clearly beats uniform.")
+        if full is not None and b != full["budget"]:
+            s += f" Full training: {full['accuracy']:.2f}%."
+        out.append(s)
+    return "\n".join(out)
+
+
+def machine() -> Dict[str, Any]:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def save(results: Sequence[RunResult], out_dir: str, meta: Dict[str, Any]) -> str:
+    """Write results.json (every run), results.md (table + verdict) and the plots."""
+    from .report import write_report
+    os.makedirs(out_dir, exist_ok=True)
+    doc = {"meta": {**meta, "machine": machine(),
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+           "runs": [r.to_dict() for r in results]}
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    write_report(out_dir)
+    return path

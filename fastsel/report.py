@@ -1,0 +1,119 @@
+"""``fastsel report``: a markdown report and PNG plots from a saved results.json."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List
+
+PLOTS = ("accuracy_vs_budget.png", "accuracy_vs_time.png", "selection_counts.png")
+
+
+def load_results(out_dir: str) -> Dict[str, Any]:
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no results.json in {out_dir!r}: run `fastsel compare --out {out_dir}` first")
+    with open(path) as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or "runs" not in doc or not doc["runs"]:
+        raise ValueError(f"{path!r} is not a fastsel results file (no runs)")
+    return doc
+
+
+def _policies(runs: List[Dict[str, Any]]) -> List[str]:
+    return list(dict.fromkeys(r["policy"] for r in runs))
+
+
+def plot(doc: Dict[str, Any], out_dir: str) -> List[str]:
+    """Accuracy against budget per policy, accuracy against wall time, and the histogram
+    of per-sample selection counts per policy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .compare import aggregate
+    runs = doc["runs"]
+    rows = aggregate(runs)
+    written = []
+    timed = any(r["budget"].endswith("s") for r in runs)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    full = next((r for r in rows if r["policy"] == "full"), None)
+    for p in _policies(runs):
+        if p == "full":
+            continue
+        pr = [r for r in rows if r["policy"] == p]
+        xs = [float(r["budget"].rstrip("s")) for r in pr]
+        ax.errorbar(xs, [r["accuracy"] for r in pr], yerr=[r["accuracy_std"] for r in pr],
+                    marker="o", capsize=3, label=p)
+    if full is not None:
+        ax.axhline(full["accuracy"], color="k", linestyle="--", label="full training")
+    ax.set_xlabel("time budget (s)" if timed else "budget (fraction of full training)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy against budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, out_dir, PLOTS[0]))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in _policies(runs):
+        pr = [r for r in runs if r["policy"] == p]
+        ax.scatter([r["wall_s"] for r in pr], [100 * r["accuracy"] for r in pr], label=p, s=18)
+    ax.set_xlabel("wall-clock time (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy against wall time (every run)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, out_dir, PLOTS[1]))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    budgets = [r["budget"] for r in runs if r["policy"] != "full"]
+    show = min(budgets, key=lambda b: abs(float(b.rstrip("s")) - 0.3)) if budgets else None
+    for p in _policies(runs):
+        pr = [r for r in runs if r["policy"] == p and (p == "full" or r["budget"] == show)][:1]
+        if not pr:
+            continue
+        counts = pr[0]["selection_counts"]
+        ax.plot(range(len(counts)), counts, marker=".", label=f"{p} ({pr[0]['budget']})")
+    ax.set_xlabel("times a sample was selected")
+    ax.set_ylabel("samples")
+    ax.set_yscale("log")
+    ax.set_title("Per-sample selection counts (first seed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, out_dir, PLOTS[2]))
+    plt.close("all")
+    return written
+
+
+def _save(fig: Any, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def markdown(doc: Dict[str, Any]) -> str:
+    from .compare import aggregate, format_table, verdict
+    rows = aggregate(doc["runs"])
+    meta = doc.get("meta", {})
+    m = meta.get("machine", {})
+    lines = ["# fastsel comparison", ""]
+    if meta.get("command"):
+        lines += [f"Command: `{meta['command']}`", ""]
+    if m:
+        dev = m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('threads')} threads)"
+        lines += [f"Machine: {dev}; torch {m.get('torch')}; {meta.get('date', '')}", ""]
+    if meta.get("dataset"):
+        lines += [f"Dataset: {meta['dataset']}", ""]
+    lines += [format_table(rows, markdown=True), "", verdict(rows), ""]
+    lines += [f"![{p}]({p})" for p in PLOTS]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str) -> str:
+    """Render results.md and the plots next to results.json; returns the markdown path."""
+    doc = load_results(out_dir)
+    plot(doc, out_dir)
+    path = os.path.join(out_dir, "results.md")
+    with open(path, "w") as f:
+        f.write(markdown(doc))
+    return path
