@@ -5,63 +5,34 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from .compare import DEFAULT_BUDGETS, DEFAULT_POLICIES
 
 
-def _budget(text: str) -> float:
-    try:
-        b = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < b <= 1.0:
-        raise argparse.ArgumentTypeError(f"budget must be in (0, 1], got {text}")
-    return b
+def _number(cast: type, ok: Callable[[float], bool], expect: str) -> Callable[[str], float]:
+    """An argparse type: ``cast(text)`` that must satisfy ``ok``; the error says ``expect``."""
+    def parse(text: str) -> float:
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{expect}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{expect}, got {text}")
+        return v
+    return parse
+
+
+_budget = _number(float, lambda v: 0.0 < v <= 1.0, "budget must be a number in (0, 1]")
+_positive = _number(int, lambda v: v >= 1, "expected a positive integer")
+_seconds = _number(float, lambda v: v > 0 and v != float("inf"), "a time budget must be a number of seconds > 0")
+_share = _number(float, lambda v: 0.0 <= v < 1.0, "expected a share in [0, 1)")
+_imbalance = _number(float, lambda v: 0.0 < v <= 1.0,
+                     "imbalance is the rarest/most frequent class ratio, a number in (0, 1]")
 
 
 def _budgets(text: str) -> List[float]:
     return [_budget(t) for t in text.split(",") if t.strip()] or [_budget(text)]
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"a time budget must be > 0 seconds, got {text}")
-    return v
-
-
-def _share(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return v
-
-
-def _imbalance(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1], got {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"imbalance is the rarest/most frequent class ratio in (0, 1], got {text}")
-    return v
 
 
 def _policies(text: str) -> List[str]:

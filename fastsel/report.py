@@ -38,6 +38,7 @@ def plot(doc: Dict[str, Any], out_dir: str) -> List[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     full = next((r for r in rows if r["policy"] == "full"), None)
+
     for p in _policies(runs):
         if p == "full":
             continue
@@ -47,23 +48,15 @@ def plot(doc: Dict[str, Any], out_dir: str) -> List[str]:
                     marker="o", capsize=3, label=p)
     if full is not None:
         ax.axhline(full["accuracy"], color="k", linestyle="--", label="full training")
-    ax.set_xlabel("time budget (s)" if timed else "budget (fraction of full training)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against budget")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(_save(fig, out_dir, PLOTS[0]))
+    written.append(_finish(fig, ax, "time budget (s)" if timed else "budget (fraction of full training)",
+                           "test accuracy (%)", "Accuracy against budget", out_dir, PLOTS[0]))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for p in _policies(runs):
         pr = [r for r in runs if r["policy"] == p]
         ax.scatter([r["wall_s"] for r in pr], [100 * r["accuracy"] for r in pr], label=p, s=18)
-    ax.set_xlabel("wall-clock time (s)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against wall time (every run)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(_save(fig, out_dir, PLOTS[1]))
+    written.append(_finish(fig, ax, "wall-clock time (s)", "test accuracy (%)",
+                           "Accuracy against wall time (every run)", out_dir, PLOTS[1]))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     budgets = [r["budget"] for r in runs if r["policy"] != "full"]
@@ -74,18 +67,20 @@ def plot(doc: Dict[str, Any], out_dir: str) -> List[str]:
             continue
         counts = pr[0]["selection_counts"]
         ax.plot(range(len(counts)), counts, marker=".", label=f"{p} ({pr[0]['budget']})")
-    ax.set_xlabel("times a sample was selected")
-    ax.set_ylabel("samples")
     ax.set_yscale("log")
-    ax.set_title("Per-sample selection counts (first seed)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(_save(fig, out_dir, PLOTS[2]))
+    written.append(_finish(fig, ax, "times a sample was selected", "samples",
+                           "Per-sample selection counts (first seed)", out_dir, PLOTS[2]))
     plt.close("all")
     return written
 
 
-def _save(fig: Any, out_dir: str, name: str) -> str:
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, out_dir: str, name: str) -> str:
+    """Label, lay out and save one figure; returns its path."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=110)
     return path

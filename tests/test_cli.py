@@ -131,12 +131,12 @@ def test_bench_measures_every_available_backend(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["run", "--budget", "0"], "budget must be in (0, 1]"),
-    (["run", "--budget", "x"], "budget must be a number"),
+    (["run", "--budget", "0"], "budget must be a number in (0, 1], got 0"),
+    (["run", "--budget", "x"], "budget must be a number in (0, 1], got 'x'"),
     (["run", "--epochs", "-1"], "positive integer"),
     (["run", "--policies", "uniform,bogus"], "unknown policy"),
-    (["compare", "--budgets", "0.2,2"], "budget must be in (0, 1]"),
-    (["compare", "--time-budget", "0"], "must be > 0 seconds"),
+    (["compare", "--budgets", "0.2,2"], "budget must be a number in (0, 1], got 2"),
+    (["compare", "--time-budget", "0"], "seconds > 0"),
     (["compare", "--dataset", "cifar"], "dataset must be"),
     (["compare", "--label-noise", "1"], "[0, 1)"),
     (["compare", "--imbalance", "0"], "(0, 1]"),
