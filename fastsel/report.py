@@ -65,8 +65,8 @@ def plot(doc: Dict[str, Any], out_dir: str) -> List[str]:
         pr = [r for r in runs if r["policy"] == p and (p == "full" or r["budget"] == show)][:1]
         if not pr:
             continue
-        counts = pr[0]["selection_counts"]
-        ax.plot(range(len(counts)), counts, marker=".", label=f"{p} ({pr[0]['budget']})")
+        pts = [(i, c) for i, c in enumerate(pr[0]["selection_counts"]) if c > 0]  # log scale
+        ax.plot([i for i, _ in pts], [c for _, c in pts], marker="o", label=f"{p} ({pr[0]['budget']})")
     ax.set_yscale("log")
     written.append(_finish(fig, ax, "times a sample was selected", "samples",
                            "Per-sample selection counts (first seed)", out_dir, PLOTS[2]))
