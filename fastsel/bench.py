@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,10 @@ def plain_step(logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, lo
     per.mean().backward()
 
 
-def bench_step(backend: str, b: int, c: int, device: str = "cpu", n: int = 50_000,
-               dtype: torch.dtype = torch.float32, min_run_time: float = 0.3) -> Dict[str, Any]:
-    """The fused step (forward + backward + state update) against ``plain_step``."""
+def step_case(backend: str, b: int, c: int, device: str = "cpu", n: int = 50_000,
+              dtype: torch.dtype = torch.float32) -> Tuple[Callable[[], None], Callable[[], None], int]:
+    """(fused, plain, logits bytes): the fused step (forward + backward + state update) and
+    what a user writes without fastsel (``plain_step``), on the same random batch."""
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(b, c, device=device, generator=g).to(dtype).requires_grad_(True)
     y = torch.randint(0, c, (b,), device=device, generator=g)
@@ -59,21 +60,32 @@ def bench_step(backend: str, b: int, c: int, device: str = "cpu", n: int = 50_00
         x.grad = None
         plain_step(x, y, idx, ema, seen)
 
-    t_fused, t_plain = _time(fused, min_run_time), _time(plain, min_run_time)
-    return {"kind": "step", "backend": backend, "device": device, "B": b, "C": c, "dtype": str(dtype),
-            "fused_s": t_fused, "plain_s": t_plain, "speedup_vs_plain": t_plain / t_fused,
-            "logits_GBps": x.numel() * x.element_size() * 2 / t_fused / 1e9}
+    return fused, plain, x.numel() * x.element_size()
 
 
-def bench_select(backend: str, n: int, device: str = "cpu", share: float = 0.3,
-                 min_run_time: float = 0.3) -> Dict[str, Any]:
-    """k = share·N largest keys (ties by index) against ``torch.topk``."""
+def select_case(backend: str, n: int, device: str = "cpu", share: float = 0.3
+                ) -> Tuple[Callable[[], Any], Callable[[], Any], int]:
+    """(select, topk, k): the k = share·N largest keys (ties by index) and ``torch.topk``."""
     g = torch.Generator(device=device).manual_seed(0)
     keys = torch.rand(n, device=device, generator=g)
     k = max(1, int(n * share))
     be = get_backend(backend, device)
-    t_sel = _time(lambda: be.select(keys, k), min_run_time)
-    t_topk = _time(lambda: torch.topk(keys, k).indices, min_run_time)
+    return (lambda: be.select(keys, k)), (lambda: torch.topk(keys, k).indices), k
+
+
+def bench_step(backend: str, b: int, c: int, device: str = "cpu",
+               dtype: torch.dtype = torch.float32, min_run_time: float = 0.3) -> Dict[str, Any]:
+    fused, plain, nbytes = step_case(backend, b, c, device, dtype=dtype)
+    t_fused, t_plain = _time(fused, min_run_time), _time(plain, min_run_time)
+    return {"kind": "step", "backend": backend, "device": device, "B": b, "C": c, "dtype": str(dtype),
+            "fused_s": t_fused, "plain_s": t_plain, "speedup_vs_plain": t_plain / t_fused,
+            "logits_GBps": nbytes * 2 / t_fused / 1e9}
+
+
+def bench_select(backend: str, n: int, device: str = "cpu", share: float = 0.3,
+                 min_run_time: float = 0.3) -> Dict[str, Any]:
+    sel, topk, k = select_case(backend, n, device, share)
+    t_sel, t_topk = _time(sel, min_run_time), _time(topk, min_run_time)
     return {"kind": "select", "backend": backend, "device": device, "N": n, "k": k,
             "select_s": t_sel, "topk_s": t_topk, "speedup_vs_topk": t_topk / t_sel}
 
