@@ -10,14 +10,17 @@
             ...
 """
 from .backends import backends
+from .batch_policies import BATCH_POLICIES
 from .indexed import with_indices
 from .policies import POLICIES
 from .sampler import Sampler
 from .schedule import BudgetLR
+from .selective import SelectiveStep
 
 __version__ = "0.1.0"
 
-__all__ = ["Sampler", "BudgetLR", "with_indices", "backends", "POLICIES", "__version__"]
+__all__ = ["Sampler", "BudgetLR", "SelectiveStep", "with_indices", "backends", "POLICIES",
+           "BATCH_POLICIES", "__version__"]
 
 
 def __getattr__(name: str):

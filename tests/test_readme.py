@@ -10,8 +10,12 @@ def readme():
         return f.read()
 
 
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", readme(), re.S)
+
+
 def test_readme_example_runs(tmp_path, monkeypatch, capsys):
-    blocks = re.findall(r"```python\n(.*?)```", readme(), re.S)
+    blocks = python_blocks()
     assert blocks
     monkeypatch.chdir(tmp_path)
     scope = {}
@@ -19,6 +23,16 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     s = scope["sampler"]
     assert s.summary()["passes"] == 10 * 300
     assert "passes_saved" in capsys.readouterr().out
+
+
+def test_readme_selective_step_example_runs(tmp_path, monkeypatch):
+    block = next(b for b in python_blocks() if "SelectiveStep" in b)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    summary = scope["step"].summary()
+    assert scope["sampler"].summary()["passes"] == 4 * 300
+    assert 0 < summary["backward_passes"] < summary["forward_passes"]
 
 
 def test_ci_runs_the_readme_test_command():

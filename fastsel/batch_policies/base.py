@@ -1,0 +1,111 @@
+"""What every batch-level policy is: score the rows of a mini-batch, keep some of them.
+
+A policy's ``choose`` runs whatever forward pass it needs through the
+:class:`fastsel.SelectiveStep` it is attached to and returns the positions (in the
+batch) of the rows that get the full forward and backward pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..selective import SelectiveStep
+
+#: ``(values, k) -> positions of the k largest values``; a GPU kernel may be plugged in.
+TopK = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def round_half_up(x: float) -> int:
+    """Round to the nearest integer, halves up (Python's round() goes to even)."""
+    return int(math.floor(x + 0.5))
+
+
+def batch_topk(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k largest values, in rank order; ties go to the lower position and
+    NaN ranks last (a stable descending sort, so the result is deterministic)."""
+    v = torch.nan_to_num(values.detach().float(), nan=float("-inf"))
+    return torch.sort(v, descending=True, stable=True).indices[:k]
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1 (float64) with ties given their average rank."""
+    x = x.detach().double().flatten()
+    n = x.numel()
+    s, order = torch.sort(x, stable=True)
+    pos = torch.arange(n, dtype=torch.float64, device=x.device)
+    # Average ranks over groups of equal values.
+    start = torch.ones(n, dtype=torch.bool, device=x.device)
+    if n > 1:
+        start[1:] = s[1:] != s[:-1]
+    group = torch.cumsum(start.to(torch.int64), 0) - 1
+    ngroups = int(group[-1]) + 1 if n else 0
+    sums = torch.zeros(ngroups, dtype=torch.float64, device=x.device).index_add_(0, group, pos)
+    cnts = torch.zeros(ngroups, dtype=torch.float64, device=x.device).index_add_(
+        0, group, torch.ones_like(pos))
+    out = torch.empty(n, dtype=torch.float64, device=x.device)
+    out[order] = (sums / cnts)[group]
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two equal-length vectors (NaN if either is constant)."""
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(torch.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+
+def check_keep(keep: Any) -> float:
+    """A share in (0, 1] or a clear error."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep) \
+            or not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be a share in (0, 1], got keep={keep!r}")
+    return float(keep)
+
+
+class BatchPolicy:
+    """Base class: subclasses set ``name`` and implement ``choose``.
+
+    ``fixed_batch``: chosen rows are pooled into backward batches of a constant size
+    (Selective Backprop) instead of one backward batch per input batch.
+    """
+
+    name = "batch-policy"
+    fixed_batch = False
+    #: the step keeps each sample's last loss (StaleSB needs it)
+    needs_last_loss = False
+
+    def attach(self, step: "SelectiveStep") -> None:
+        """Called once by ``SelectiveStep``: check the model, register hooks."""
+
+    def detach(self) -> None:
+        """Remove whatever ``attach`` registered."""
+
+    def choose(self, step: "SelectiveStep", x: torch.Tensor, y: torch.Tensor,
+               idx: Optional[torch.Tensor]) -> torch.Tensor:
+        """Positions (int64, on the batch's device) of the rows to backprop."""
+        raise NotImplementedError
+
+    def after_train(self, step: "SelectiveStep", x: torch.Tensor, y: torch.Tensor,
+                    idx: Optional[torch.Tensor], chosen: torch.Tensor,
+                    train_losses: torch.Tensor) -> None:
+        """Called after the backward batch of an input batch was trained (not for pooled
+        batches): ``train_losses`` are the true per-sample losses of ``chosen``."""
+
+    def end_epoch(self, step: "SelectiveStep", accuracy: Optional[float]) -> None:
+        """Called once per epoch boundary with the epoch's selection-forward accuracy."""
+
+    def summary(self) -> Dict[str, Any]:
+        return {}
+
+    def config(self) -> Dict[str, Any]:
+        return {"name": self.name}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        pass
