@@ -234,6 +234,27 @@ def test_select_is_top_k_with_ties_by_index(backend_name, gen, n):
         assert b.select(keys, k).tolist() == order[:k]
 
 
+def test_select_orders_infinities_and_nan(backend_name):
+    """+inf > FLT_MAX > ... > -FLT_MAX > -inf > NaN; -0 == +0 ties by index."""
+    b = get_backend(backend_name, "cpu")
+    big = torch.finfo(torch.float32).max
+    keys = torch.tensor([float("nan"), -big, float("inf"), 0.0, float("-inf"), big, -0.0,
+                         float("nan"), float("inf"), 1.0, float("-inf")])
+    expect = [2, 8, 5, 9, 3, 6, 1, 4, 10, 0, 7]
+    for k in (1, 3, 8, len(keys)):
+        assert b.select(keys, k).tolist() == expect[:k]
+
+
+def test_empty_batch_is_harmless(backend_name):
+    """B = 0: no state change; the mean over no rows is NaN, as F.cross_entropy gives."""
+    st = SampleState(10)
+    e = torch.empty(0, dtype=torch.int64)
+    for strict in (True, False):
+        out = get_backend(backend_name, "cpu").step(torch.empty(0, 5), e, e, st, LossConfig(strict=strict), 0)
+        assert torch.isnan(out)
+    assert int(st.seen.sum()) == 0 and int(st.errors.abs().sum()) == 0
+
+
 def test_noise_and_shuffle_are_bit_exact_with_reference(backend_name, gen):
     b, ref = get_backend(backend_name, "cpu"), get_backend("reference", "cpu")
     idx = torch.arange(1337)

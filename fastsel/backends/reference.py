@@ -55,6 +55,8 @@ def row_masks(labels: torch.Tensor, indices: torch.Tensor, n: int, num_classes: 
 def first_flagged(values: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     """The value at the first flagged row, as a 0-d int64 tensor (no host sync: indexing
     with a 0-d tensor would call ``.item()``)."""
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.int64, device=values.device)
     pos = torch.argmax(bad.to(torch.int8)).reshape(1)
     return values.to(torch.int64).index_select(0, pos).reshape(())
 
@@ -204,9 +206,14 @@ class ReferenceBackend:
         return rng.uniform(idx, key, stream)
 
     def select(self, keys: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices of the k largest keys, in rank order; ties go to the lower index; NaN ranks last."""
-        keys = torch.nan_to_num(keys.float(), nan=float("-inf"))
-        order = torch.sort(keys, descending=True, stable=True).indices
+        """Indices of the k largest keys, in rank order: +inf > finite > -inf > NaN, and
+        equal keys (-0 == +0) go to the lower index."""
+        keys = keys.float()
+        nan = torch.isnan(keys)
+        order = torch.sort(torch.where(nan, torch.full_like(keys, float("-inf")), keys),
+                           descending=True, stable=True).indices
+        # A second stable sort moves NaN behind -inf and keeps every other order.
+        order = order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]
         return order[:k]
 
     def shuffle(self, chosen: torch.Tensor, key: int) -> torch.Tensor:

@@ -1,0 +1,277 @@
+"""Triton-backend checks the shared suite (test_backends.py) does not make.
+
+In-batch top-k against ``torch.sort``; the radix selection on N not a power of two with
+heavy ties; C above one column chunk; the GPU tile configurations (forced under the
+interpreter); int32 inputs and strided logits; the error vector and stats against the
+reference backend; the noise on extreme indices; and the AOT build of every kernel at every
+launcher configuration for sm_80 and sm_90, in a subprocess without TRITON_INTERPRET.
+Without a GPU everything but the AOT build runs under ``TRITON_INTERPRET=1`` (conftest).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastsel import rng
+from fastsel.backends import available, get_backend
+from fastsel.config import LossConfig
+from fastsel.state import SampleState
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = "triton" in available(DEV)
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason=f"triton backend not available on {DEV}")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tb():
+    return get_backend("triton", DEV)
+
+
+def _ref():
+    return get_backend("reference", DEV)
+
+
+def _tie_keys(gen, n, values=5):
+    """Few distinct values (heavy ties), NaN, +-inf and -0.0 / +0.0 mixed in."""
+    keys = torch.randint(-2, values - 2, (n,), generator=gen).float()
+    r = torch.rand(n, generator=gen)
+    keys[r < 0.05] = float("nan")
+    keys[(r >= 0.05) & (r < 0.08)] = float("inf")
+    keys[(r >= 0.08) & (r < 0.11)] = float("-inf")
+    keys[(r >= 0.11) & (r < 0.2)] = -0.0
+    return keys.to(DEV)
+
+
+def _sorted_order(keys):
+    k = torch.nan_to_num(keys.float(), nan=float("-inf"))
+    return torch.sort(k, descending=True, stable=True).indices
+
+
+# ---- in-batch top-k ---------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("b", [1, 7, 255, 1000, 4097])
+def test_batch_topk_matches_sort_with_ties_by_index(gen, b):
+    keys = _tie_keys(gen, b)
+    order = _sorted_order(keys)
+    for k in sorted({1, max(1, b // 3), b}):
+        assert torch.equal(_tb().topk_batch(keys, k), order[:k]), k
+
+
+@needs_triton
+def test_batch_topk_largest_batch_and_limits(gen):
+    b = 8192
+    keys = torch.randn(b, generator=gen).round(decimals=1).to(DEV)  # ties
+    assert torch.equal(_tb().topk_batch(keys, 100), _sorted_order(keys)[:100])
+    assert _tb().topk_batch(keys, 0).numel() == 0
+    with pytest.raises(ValueError, match="8192"):
+        _tb().topk_batch(torch.zeros(b + 1, device=DEV), 3)
+
+
+# ---- selection over N -------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("n", [1, 3, 4097, 12289])
+def test_radix_select_non_power_of_two_heavy_ties(gen, n):
+    keys = _tie_keys(gen, n, values=3)
+    ref = _ref().select(keys, n)
+    for k in sorted({1, 2, max(1, n // 3), max(1, n - 1), n} - {0}):
+        k = min(k, n)
+        assert torch.equal(_tb().select_radix(keys, k), ref[:k]), k
+        assert torch.equal(_tb().select(keys, k), ref[:k]), k
+
+
+@needs_triton
+def test_select_edge_cases(gen):
+    n = 9001  # above the in-batch size: select() takes the radix path
+    same = torch.full((n,), 0.25, device=DEV)  # one value: every block holds ties
+    for k in (1, 4096, 4097, n):
+        assert torch.equal(_tb().select(same, k), torch.arange(k, device=DEV))
+    keys = torch.randn(n, generator=gen, dtype=torch.float64).to(DEV)
+    assert torch.equal(_tb().select(keys, 77), _ref().select(keys, 77))
+    assert _tb().select(keys, 0).numel() == 0
+    assert torch.equal(_tb().select(keys, n + 5), _ref().select(keys, n + 5))
+    nan = torch.full((n,), float("nan"), device=DEV)
+    assert torch.equal(_tb().select(nan, 10), torch.arange(10, device=DEV))
+
+
+@needs_triton
+def test_noise_bit_exact_on_extreme_indices():
+    idx = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5, 2**40 + 3, -1, -7],
+                       device=DEV)
+    for key in (0, 1, 12345, 2**31 - 2):
+        for stream in (rng.STREAM_SELECT, rng.STREAM_SHUFFLE, rng.STREAM_EXPLORE):
+            assert torch.equal(_tb().uniform(idx, key, stream), rng.uniform(idx, key, stream))
+    i32 = torch.arange(-50, 3000, dtype=torch.int32, device=DEV)
+    assert torch.equal(_tb().uniform(i32, 99, 1), rng.uniform(i32, 99, 1))
+
+
+# ---- the fused step ---------------------------------------------------------------------
+
+def _batch(gen, b, c, n, dtype=torch.float32):
+    logits = (torch.randn(b, c, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, c, (b,), generator=gen)
+    labels[torch.rand(b, generator=gen) < 0.1] = -100
+    indices = torch.randint(0, max(1, b // 3), (b,), generator=gen)
+    return logits.to(DEV), labels.to(DEV), indices.to(DEV)
+
+
+def _both(logits, labels, indices, n, cfg, steps=1, epoch=0, weight=None):
+    """Run the Triton and reference backends on the same input; return both
+    (output, grad, state)."""
+    res = []
+    for be in (_tb(), _ref()):
+        st = SampleState(n, DEV)
+        if weight is not None:
+            st.weight.copy_(weight)
+        for s in range(steps):
+            x = logits.clone().requires_grad_(True)
+            out = be.step(x, labels, indices, st, cfg, epoch + s)
+            out.backward(torch.ones_like(out))
+        res.append((out.detach(), x.grad, st))
+    return res
+
+
+def _assert_states_close(a, b, exact_counts=True):
+    for f in ("loss", "loss_var", "p_true"):
+        torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-5, atol=1e-6, msg=f)
+    for f in ("seen", "last_epoch"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    torch.testing.assert_close(a.stats, b.stats, rtol=1e-6, atol=1e-6)
+    assert torch.equal(a.errors, b.errors)
+
+
+@needs_triton
+@pytest.mark.parametrize("c", [2049, 5000])
+def test_many_classes_loop_over_column_chunks(gen, c):
+    """C above the largest column chunk: online softmax over chunks, second sweep for the
+    smoothing sums and the gradient; class weights, smoothing, bf16."""
+    n = 40
+    logits, labels, indices = _batch(gen, 9, c, n)
+    w = (torch.rand(c, generator=gen) + 0.5).to(DEV)
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg = LossConfig(label_smoothing=0.1, class_weight=w)
+        (o1, g1, s1), (o2, g2, s2) = _both(logits.to(dtype), labels, indices, n, cfg)
+        torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+        tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(g1.float(), g2.float(), **tol)
+        _assert_states_close(s1, s2)
+
+
+@needs_triton
+@pytest.mark.skipif(DEV != "cpu", reason="forces GPU tile sizes under the interpreter")
+@pytest.mark.parametrize("c", [2, 10, 100, 1001, 3000])
+def test_gpu_tile_configurations_under_interpreter(gen, monkeypatch, c):
+    """The launcher's GPU block sizes (rows per program, column chunk, merge tiles) give the
+    reference's results: the interpreter normally runs larger tiles."""
+    import importlib
+    tmod = importlib.import_module("fastsel.backends.triton")  # fastsel.backends is also a function
+    monkeypatch.setattr(tmod, "interpreting", lambda: False)
+    n = 60
+    b = 300 if c <= 100 else 70  # 300 rows: duplicates across the merge's 128-row tiles
+    logits, labels, indices = _batch(gen, b, c, n)
+    logits[3, 0] = float("nan")
+    weight = torch.rand(n, generator=gen) * 2
+    for red in ("mean", "none"):
+        cfg = LossConfig(label_smoothing=0.05, reduction=red, strict=False)
+        (o1, g1, s1), (o2, g2, s2) = _both(logits, labels, indices, n, cfg, steps=2, weight=weight)
+        torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6, equal_nan=True)
+        _assert_states_close(s1, s2)
+    keys = _tie_keys(gen, 300)
+    assert torch.equal(_tb().topk_batch(keys, 100), _sorted_order(keys)[:100])
+
+
+@needs_triton
+def test_int32_inputs_strided_logits_and_no_grad(gen):
+    n, c = 50, 33
+    logits0, labels, indices = _batch(gen, 64, c, n)
+    big = torch.randn(64, 2 * c, generator=gen).to(DEV)
+    logits = big[:, 5:5 + c]                      # row stride 2C, column stride 1
+    cols = big[:, ::2][:, :c]                     # column stride 2: copied first
+    for x in (logits, cols):
+        lab, idx = labels.to(torch.int32), indices.to(torch.int32)
+        (o1, g1, s1), (o2, g2, s2) = _both(x, lab, idx, n, LossConfig(reduction="sum"))
+        torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+        _assert_states_close(s1, s2)
+    st1, st2 = SampleState(n, DEV), SampleState(n, DEV)
+    with torch.no_grad():
+        o1 = _tb().step(logits, labels, indices, st1, LossConfig(), 3)
+        o2 = _ref().step(logits, labels, indices, st2, LossConfig(), 3)
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+    _assert_states_close(st1, st2)
+
+
+@needs_triton
+def test_deferred_errors_and_stats_equal_reference_over_steps(gen):
+    """The error vector keeps the FIRST offending value across steps; counts add up."""
+    n, c = 30, 6
+    st1, st2 = SampleState(n, DEV), SampleState(n, DEV)
+    cfg = LossConfig(strict=False, ema=0.5)
+    for step, (bad_i, bad_l) in enumerate([(n + 3, 7), (-4, -9), (n, c)]):
+        logits, labels, indices = _batch(gen, 20, c, n)
+        indices[[2, 11]] = bad_i
+        labels[[4, 15]] = bad_l
+        labels[5] = -100
+        indices[5] = -1   # bad index on an ignored row still counts (as the reference)
+        for be, st in ((_tb(), st1), (_ref(), st2)):
+            be.step(logits, labels, indices, st, cfg, step)
+    _assert_states_close(st1, st2)
+    assert st1.errors.tolist() == [9, n + 3, 6, 7]
+
+
+@needs_triton
+def test_strict_error_leaves_stats_and_errors_untouched(gen):
+    n, c = 30, 6
+    st = SampleState(n, DEV)
+    logits, labels, indices = _batch(gen, 20, c, n)
+    _tb().step(logits, labels, indices, st, LossConfig(), 0)
+    before = (st.stats.clone(), st.errors.clone(), st.seen.clone())
+    labels[3] = c + 2
+    with pytest.raises(IndexError, match=f"labels: 1 label.*e.g. {c + 2}"):
+        _tb().step(logits, labels, indices, st, LossConfig(strict=True), 1)
+    for a, b in zip(before, (st.stats, st.errors, st.seen)):
+        assert torch.equal(a, b)
+
+
+# ---- import hygiene and the AOT build ---------------------------------------------------
+
+def test_import_fastsel_does_not_import_triton_and_auto_skips_interpreter():
+    code = ("import sys, fastsel; from fastsel.backends import get_backend; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "print(get_backend('auto', 'cpu').name)")
+    env = dict(os.environ, PYTHONPATH=ROOT, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() != "triton"
+
+
+@needs_triton
+def test_aot_compiles_every_kernel_at_every_launcher_config_sm80_sm90():
+    """Every (kernel, constexprs, num_warps) the launcher can choose on a GPU compiles to a
+    cubin for sm_80 and sm_90, in a process where TRITON_INTERPRET is unset (under the
+    interpreter ``@triton.jit`` yields interpreted functions that cannot be compiled)."""
+    from fastsel.backends.triton import load_kernels
+    aot, cf = load_kernels("aot"), load_kernels("configs")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            aot.compile_all()
+    report = aot.run_subprocess(["--no-resources"])
+    got = {(r["target"], r["kernel"], r["dtype"], r["index"], r["num_warps"],
+            tuple(sorted(r["constexprs"].items()))) for r in report["kernels"]}
+    want = {(f"cuda:sm_{a}", c["kernel"], c.get("dtype", "fp32"), c.get("index", "i64"),
+             c["num_warps"], tuple(sorted(c["constexprs"].items())))
+            for a in (80, 90) for c in cf.gpu_configs()}
+    # every block size the launcher can choose for the fused step is among them
+    steps = {(r["constexprs"]["BLOCK_R"], r["constexprs"]["BLOCK_C"], r["constexprs"]["SINGLE"],
+              r["num_warps"]) for r in report["kernels"] if r["kernel"] == "ce_step_kernel"}
+    for c in list(range(2, 300)) + [511, 512, 513, 1000, 1001, 2048, 2049, 32768]:
+        assert cf.step_blocks(c) in steps, c
+    assert got == want
+    assert all(r["cubin_bytes"] > 0 for r in report["kernels"])
+    kernels = {r["kernel"] for r in report["kernels"]}
+    assert kernels == set(aot.SIGNATURES)
