@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${FASTSEL_VENV:-.venv}
-stamp_key=$(cat .ci/setup.sh setup.py pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+stamp_key=$({ cat .ci/setup.sh setup.py pyproject.toml; { find csrc -type f 2>/dev/null || true; } | LC_ALL=C sort | xargs -r cat; } 2>/dev/null | sha256sum | cut -c1-16)
 stamp="$VENV/.fastsel-setup-$stamp_key"
 if [ -f "$stamp" ]; then
   exit 0

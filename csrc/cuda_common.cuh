@@ -1,0 +1,73 @@
+// Shared device helpers of the CUDA kernels: device guard, error strings, block-wide
+// deterministic reductions and the bitonic sort of 64-bit keys. CUDA runtime only.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastsel {
+namespace cuda {
+
+// Makes `device` current for a launcher and restores the caller's device.
+struct DeviceGuard {
+  int prev = -1;
+  bool ok = true;
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&prev) != cudaSuccess) prev = -1;
+    if (prev != device) ok = cudaSetDevice(device) == cudaSuccess;
+  }
+  ~DeviceGuard() {
+    if (prev >= 0) cudaSetDevice(prev);
+  }
+};
+
+inline const char* last_error() {
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+inline int64_t next_pow2(int64_t v) {
+  int64_t p = 2;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+inline int64_t align256(int64_t v) { return (v + 255) / 256 * 256; }
+
+// Sum over the block in a fixed order (so the result is the same on every run).
+// Every thread of the block must call it; the result is valid in thread 0.
+template <typename V>
+__device__ V block_sum(V v, V* shared /* [32] */) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  V t = 0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < (blockDim.x + 31) / 32; ++w) t += shared[w];
+  return t;
+}
+
+// Minimum over the block; valid in thread 0.
+__device__ inline int64_t block_min(int64_t v, int64_t* shared /* [32] */) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const int64_t u = __shfl_down_sync(0xffffffffu, v, o);
+    v = u < v ? u : v;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  int64_t t = v;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < (blockDim.x + 31) / 32; ++w) t = shared[w] < t ? shared[w] : t;
+  return t;
+}
+
+// Sorts p keys (p a power of two) ascending on `stream`, one launch per bitonic step
+// (defined in select_kernels.cu).
+void bitonic_sort(uint64_t* keys, int64_t p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastsel
