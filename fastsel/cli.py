@@ -131,13 +131,14 @@ def _compare(args: argparse.Namespace, argv: List[str], policies: List[str], bud
     meta = {"command": "fastsel " + " ".join(shlex.quote(a) for a in argv),
             "dataset": f"{data.name} {data.info}" if data.info else data.name}
     compare.save(results, args.out, meta)
-    rows = compare.aggregate([r.to_dict() for r in results])
+    runs = [r.to_dict() for r in results]
+    rows = compare.aggregate(runs)
     m = compare.machine()
     print(f"\n{data.name}: {len(data.train)} train / {len(data.test)} test images, small CNN, "
           f"{args.epochs} epochs of full training, {args.seeds} seed(s); {m['cpu']}, torch {m['torch']}, "
           f"{m['threads']} threads")
     print(compare.format_table(rows))
-    print(compare.verdict(rows))
+    print(compare.verdict(rows, runs))
     print(f"results, report and plots in {args.out}/")
     return 0
 

@@ -103,28 +103,42 @@ def format_table(rows: Sequence[Dict[str, Any]], markdown: bool = False) -> str:
     return "\n".join([fmt(head), "-" * (sum(widths) + 2 * (len(widths) - 1))] + [fmt(l) for l in lines])
 
 
-def verdict(rows: Sequence[Dict[str, Any]]) -> str:
-    """A plain sentence per budget: does any policy beat uniform by more than the noise?"""
+def paired_gap(runs: Sequence[Dict[str, Any]], policy: str, budget: str) -> tuple:
+    """(mean, standard error, seeds) of the per-seed accuracy gap, in points, of ``policy``
+    over uniform at ``budget``: paired by seed, so the seed's own luck cancels."""
+    acc = {(r["policy"], r["seed"]): 100.0 * r["accuracy"] for r in runs if r["budget"] == budget}
+    gaps = [acc[(policy, s)] - acc[("uniform", s)] for (p, s) in acc if p == policy and ("uniform", s) in acc]
+    if not gaps:
+        return 0.0, float("inf"), 0
+    m, sd = _mean_std(gaps)
+    return m, (sd / math.sqrt(len(gaps)) if len(gaps) > 1 else float("inf")), len(gaps)
+
+
+def verdict(rows: Sequence[Dict[str, Any]], runs: Sequence[Dict[str, Any]]) -> str:
+    """A plain sentence per budget: does any policy beat uniform by more than the noise?
+    "Beats" means a paired per-seed gap, over 3+ seeds, of more than two standard errors and
+    more than one test image's worth of accuracy."""
     out = []
-    budgets = [b for b in dict.fromkeys(r["budget"] for r in rows) if b not in ("1",)]
     full = next((r for r in rows if r["policy"] == "full"), None)
-    for b in budgets:
+    for b in dict.fromkeys(r["budget"] for r in rows if r["policy"] != "full"):
         at = [r for r in rows if r["budget"] == b and r["policy"] != "full"]
         uni = next((r for r in at if r["policy"] == "uniform"), None)
         if uni is None or len(at) < 2:
             continue
         best = max(at, key=lambda r: r["accuracy"])
-        noise = max(best["accuracy_std"], uni["accuracy_std"])
-        gap = best["accuracy"] - uni["accuracy"]
+        gap, se, n = paired_gap(runs, best["policy"], b)
+        test_size = max((r.get("test_size", 0) for r in runs), default=0)
+        one_image = 100.0 / test_size if test_size else 0.0
         if best["policy"] == "uniform":
             s = f"At budget {b}, no policy beats uniform: uniform has the best mean accuracy ({uni['accuracy']:.2f}%)."
-        elif best["seeds"] > 1 and gap > noise:
-            s = (f"At budget {b}, {best['policy']} beats uniform by {gap:.2f} points "
-                 f"({best['accuracy']:.2f}% vs {uni['accuracy']:.2f}%), more than one std ({noise:.2f}).")
+        elif n >= 3 and gap > max(2 * se, one_image):
+            s = (f"At budget {b}, {best['policy']} beats uniform: {best['accuracy']:.2f}% vs "
+                 f"{uni['accuracy']:.2f}%, a per-seed gap of {gap:.2f} ± {se:.2f} points over {n} seeds.")
         else:
             s = (f"At budget {b}, {best['policy']} has the best mean ({best['accuracy']:.2f}% vs uniform "
-                 f"{uni['accuracy']:.2f}%), but within the seed noise ({noise:.2f}): none clearly beats uniform.")
-        if full is not None and b != full["budget"]:
+                 f"{uni['accuracy']:.2f}%), but its per-seed gap ({gap:.2f} ± {se:.2f} points, {n} seeds) "
+                 f"is within the noise (one test image is {one_image:.2f} points): none clearly beats uniform.")
+        if full is not None:
             s += f" Full training: {full['accuracy']:.2f}%."
         out.append(s)
     return "\n".join(out)

@@ -99,7 +99,7 @@ def markdown(doc: Dict[str, Any]) -> str:
         lines += [f"Machine: {dev}; torch {m.get('torch')}; {meta.get('date', '')}", ""]
     if meta.get("dataset"):
         lines += [f"Dataset: {meta['dataset']}", ""]
-    lines += [format_table(rows, markdown=True), "", verdict(rows), ""]
+    lines += [format_table(rows, markdown=True), "", verdict(rows, doc["runs"]), ""]
     lines += [f"![{p}]({p})" for p in PLOTS]
     return "\n".join(lines) + "\n"
 

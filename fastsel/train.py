@@ -85,6 +85,7 @@ class RunResult:
     epochs_run: int
     selection_counts: List[int]
     entropy: float
+    test_size: int = 0
 
     @property
     def passes_saved(self) -> float:
@@ -138,4 +139,4 @@ def train_one(spec: RunSpec, train: TensorDataset, test: TensorDataset, channels
                      accuracy=accuracy(model, test), wall_s=wall, selection_s=s["selection_time_s"],
                      forward=s["passes"], backward=s["passes"], passes_full=s["passes_full_training"],
                      epochs_run=s["epochs_run"], selection_counts=counts,
-                     entropy=s["selection_entropy"]["normalized"])
+                     entropy=s["selection_entropy"]["normalized"], test_size=len(test))

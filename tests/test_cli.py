@@ -158,3 +158,21 @@ def test_help_and_python_dash_m():
         h = subprocess.run([sys.executable, "-m", "fastsel", cmd, "--help"], capture_output=True, text=True,
                            check=True).stdout
         assert "usage: fastsel " + cmd in h
+
+
+def test_verdict_needs_a_paired_gap_beyond_the_noise():
+    def runs(accs):
+        return [{"policy": p, "budget": "0.3", "seed": s, "accuracy": a / 100, "test_size": 1000}
+                for p, xs in accs.items() for s, a in enumerate(xs)]
+    clear = runs({"uniform": [90.0, 91.0, 92.0], "tftb": [92.0, 93.1, 93.9]})
+    rows = [{"policy": p, "budget": "0.3", "accuracy": sum(x) / 3, "accuracy_std": 1.0, "seeds": 3}
+            for p, x in (("uniform", [90, 91, 92]), ("tftb", [92, 93.1, 93.9]))]
+    assert "tftb beats uniform" in compare.verdict(rows, clear)
+    noisy = runs({"uniform": [90.0, 91.0, 92.0], "tftb": [93.0, 90.0, 93.0]})
+    rows[1]["accuracy"] = 92.0
+    assert "none clearly beats uniform" in compare.verdict(rows, noisy)
+    tiny = runs({"uniform": [90.0, 91.0, 92.0], "tftb": [90.1, 91.1, 92.1]})  # one image per seed
+    rows[1]["accuracy"] = 91.1
+    assert "none clearly beats uniform" in compare.verdict(rows, tiny)
+    rows[1]["accuracy"] = 80.0
+    assert "no policy beats uniform" in compare.verdict(rows, clear)
