@@ -131,7 +131,7 @@ def verdict(rows: Sequence[Dict[str, Any]], runs: Sequence[Dict[str, Any]]) -> s
         one_image = 100.0 / test_size if test_size else 0.0
         if best["policy"] == "uniform":
             s = f"At budget {b}, no policy beats uniform: uniform has the best mean accuracy ({uni['accuracy']:.2f}%)."
-        elif n >= 3 and gap > max(2 * se, one_image):
+        elif n >= 3 and gap > max(2 * se, one_image) + 1e-9:  # a one-image gap ties, not beats
             s = (f"At budget {b}, {best['policy']} beats uniform: {best['accuracy']:.2f}% vs "
                  f"{uni['accuracy']:.2f}%, a per-seed gap of {gap:.2f} ± {se:.2f} points over {n} seeds.")
         else:
