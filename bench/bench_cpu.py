@@ -28,6 +28,7 @@ import torch
 
 from fastsel.backends import backends, get_backend
 from fastsel.config import LossConfig
+from fastsel.machine import cpu_name
 from fastsel.state import SampleState
 
 pytest.importorskip("pytest_benchmark")
@@ -40,17 +41,6 @@ SIZES = [(b, c) for b in (256, 1024, 4096) for c in (10, 100, 1000)]
 N_SELECT = 1_280_000
 N_STATE = 50_000
 _results = {}
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _need(name):
@@ -120,7 +110,7 @@ def _report():
                 by["speedup_median"] = by["reference"]["median_ms"] / by["cpu"]["median_ms"]
                 by["speedup_min"] = by["reference"]["min_ms"] / by["cpu"]["min_ms"]
                 ratios[f"{kind} {case}"] = round(by["speedup_median"], 2)
-    model = _cpu_model()
+    model = cpu_name()
     slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or "unknown"
     out = os.environ.get("FASTSEL_BENCH_OUT") or os.path.join(
         os.path.dirname(__file__), "results", f"cpu_{slug}_{torch.get_num_threads()}threads.json")

@@ -27,17 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import fastsel  # noqa: E402
 from fastsel.ffcv import Order, pipelines, write_beton  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+from fastsel.machine import cpu_name  # noqa: E402
 
 
 def make_images(n: int, seed: int = 0):

@@ -116,7 +116,7 @@ def format_results(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def save(rows: Sequence[Dict[str, Any]], path: str, command: str) -> None:
-    from .compare import machine
+    from .machine import machine
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump({"command": command, "machine": machine(), "results": list(rows)}, f, indent=1)

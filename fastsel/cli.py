@@ -133,7 +133,8 @@ def _compare(args: argparse.Namespace, argv: List[str], policies: List[str], bud
     compare.save(results, args.out, meta)
     runs = [r.to_dict() for r in results]
     rows = compare.aggregate(runs)
-    m = compare.machine()
+    from .machine import machine
+    m = machine()
     print(f"\n{data.name}: {len(data.train)} train / {len(data.test)} test images, small CNN, "
           f"{args.epochs} epochs of full training, {args.seeds} seed(s); {m['cpu']}, torch {m['torch']}, "
           f"{m['threads']} threads")

@@ -7,12 +7,12 @@ import datetime
 import json
 import math
 import os
-import platform
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .datasets import Data
+from .machine import machine
 from .train import RunResult, RunSpec, train_one
 
 DEFAULT_POLICIES = ("uniform", "p-sgd", "tftb", "infobatch")
@@ -142,18 +142,6 @@ def verdict(rows: Sequence[Dict[str, Any]], runs: Sequence[Dict[str, Any]]) -> s
             s += f" Full training: {full['accuracy']:.2f}%."
         out.append(s)
     return "\n".join(out)
-
-
-def machine() -> Dict[str, Any]:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
 def save(results: Sequence[RunResult], out_dir: str, meta: Dict[str, Any]) -> str:
