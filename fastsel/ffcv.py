@@ -81,7 +81,7 @@ class Order(TraversalOrder):
         s = self.fastsel_sampler
         if s._epoch_done():
             s.set_epoch(s.epoch + 1)
-        order = np.asarray(s.epoch_indices(), dtype=np.uint64)
+        order = s.epoch_array().astype(np.uint64)
         if self.loader is not None:
             self.loader.first_traversal_order = order
         return order

@@ -12,6 +12,7 @@ import math
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sized, Union
 
+import numpy as np
 import torch
 
 from . import rng
@@ -149,6 +150,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._selection: Optional[torch.Tensor] = None   # global, shuffled, this epoch
         self._selection_epoch: Optional[int] = None
         self._shard_cache: Optional[List[int]] = None
+        self._shard_cpu: Optional[torch.Tensor] = None
         self._yielded = 0            # indices handed out in all epochs, this rank
         self._trained = 0            # rows that went through loss() in all epochs, this rank
         self._loss_calls = 0
@@ -222,12 +224,12 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._exhausted = False
 
     def _epoch_trained(self) -> bool:
-        return self._selection_epoch == self.epoch and self.position >= len(self._shard_list())
+        return self._selection_epoch == self.epoch and self.position >= len(self._shard_tensor())
 
     def _epoch_done(self) -> bool:
         if self._selection_epoch != self.epoch:
             return False
-        return self._exhausted or self.position >= len(self._shard_list())
+        return self._exhausted or self.position >= len(self._shard_tensor())
 
     def epochs(self) -> Iterator[int]:
         """Yield epoch numbers until the budget is spent, calling ``set_epoch`` for each;
@@ -259,9 +261,15 @@ class Sampler(torch.utils.data.Sampler[int]):
         """Indices this rank yields in the current epoch (what is left of it after a resume)."""
         return max(0, self._shard_len(self._global_count()) - self.position)
 
-    def _shard_list(self) -> List[int]:
+    def epoch_array(self) -> "np.ndarray":
+        """``epoch_indices`` as an int64 numpy array, without a Python list (for FFCV)."""
+        return self._shard_tensor()[self.position:].numpy()
+
+    def _shard_tensor(self) -> torch.Tensor:
+        """This rank's shard of the epoch's selection, on the host (padded or dropped to
+        equal shards as DistributedSampler does)."""
         self._ensure_selection()
-        if self._shard_cache is None:
+        if self._shard_cpu is None:
             sel = self._selection
             k, w = sel.numel(), self.world_size  # type: ignore[union-attr]
             per = self._shard_len(k)
@@ -270,7 +278,13 @@ class Sampler(torch.utils.data.Sampler[int]):
                 reps = -(-total // max(k, 1))
                 sel = sel.repeat(reps)[:total] if k else sel  # type: ignore[union-attr]
             sel = sel[:total]  # type: ignore[index]
-            self._shard_cache = sel[self.rank:total:w].tolist()
+            self._shard_cpu = sel[self.rank:total:w].cpu()
+        return self._shard_cpu
+
+    def _shard_list(self) -> List[int]:
+        shard = self._shard_tensor()  # first: a new epoch's selection pass resets the caches
+        if self._shard_cache is None:
+            self._shard_cache = shard.tolist()
         return self._shard_cache
 
     # ---- the selection pass -----------------------------------------------------------
@@ -336,8 +350,8 @@ class Sampler(torch.utils.data.Sampler[int]):
             self._sync.stats0.copy_(st.stats)
         self._selection = order.to(torch.int64)
         self._selection_epoch = self.epoch
-        self._shard_cache = None
-        self._shard_list()  # the one device→host copy of the epoch
+        self._shard_cache = self._shard_cpu = None
+        self._shard_tensor()  # the one device→host copy of the epoch
         self._epoch_counts.append(int(k))
         self._selection_time += time.perf_counter() - t0
 
@@ -457,7 +471,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._exhausted = bool(sd["exhausted"])
         self._selection = None if sel is None else sel.to(self.state.device)
         self._selection_epoch = sd["selection_epoch"]
-        self._shard_cache = None
+        self._shard_cache = self._shard_cpu = None
         c = sd["counters"]
         self._yielded, self._trained, self._loss_calls = c["yielded"], c["trained"], c["loss_calls"]
         self._elapsed0, self._clock = float(c["elapsed"]), None

@@ -13,7 +13,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from fastsel.backends import available  # noqa: E402
 
-CPU_BACKENDS = available("cpu")
+class BackendCase(str):
+    """A backend name that also says which device this case runs it on."""
+
+    device = "cpu"
+
+
+def _cases():
+    cases = []
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for name in available(device):
+            case = BackendCase(name if device == "cpu" else f"{name}")
+            case.device = device
+            cases.append(case)
+    return cases
+
+
+BACKEND_CASES = _cases()
 
 
 def pytest_report_header(config):
@@ -21,9 +37,10 @@ def pytest_report_header(config):
     return [f"fastsel backends: {fastsel.backends()}"]
 
 
-@pytest.fixture(params=CPU_BACKENDS)
+@pytest.fixture(params=BACKEND_CASES, ids=lambda c: c if c.device == "cpu" else f"{c}-{c.device}")
 def backend_name(request):
-    """Every backend that runs on the CPU here (Triton only under TRITON_INTERPRET=1)."""
+    """Every backend on every device it runs on here: on the CPU (Triton only under
+    TRITON_INTERPRET=1), and on a GPU when there is one. ``backend_name.device`` says which."""
     return request.param
 
 

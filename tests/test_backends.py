@@ -1,7 +1,7 @@
 """The shared backend suite: every backend that runs here meets the same oracle.
 
-Parametrised over ``fastsel.backends.available("cpu")``; a new backend joins by being
-available. The oracle is ``F.cross_entropy`` for losses and gradients and the float64
+Parametrised over every backend on every device it runs on here (``conftest.BACKEND_CASES``:
+the CPU, and a GPU when there is one); a new backend joins by being available. The oracle is ``F.cross_entropy`` for losses and gradients and the float64
 model in ``oracle.py`` for the per-sample state.
 """
 import math
@@ -31,9 +31,28 @@ def make_batch(gen, b, c, n, dtype=torch.float32, dup=True, ignore=0.0):
     return logits, labels, indices
 
 
+def dev(name):
+    return getattr(name, "device", "cpu")
+
+
+def close(a, b, **kw):
+    """assert_close on the host, wherever the backend ran."""
+    torch.testing.assert_close(a.cpu(), b.cpu(), **kw)
+
+
 def run_step(name, logits, labels, indices, state, cfg, epoch=0):
-    x = logits.clone().requires_grad_(True)
-    out = get_backend(name, "cpu").step(x, labels, indices, state, cfg, epoch)
+    """One step on the case's device; the state goes there and comes back to the host."""
+    d = dev(name)
+    x = logits.to(d).clone().requires_grad_(True)
+    if cfg.class_weight is not None:
+        cfg.class_weight = cfg.class_weight.to(d)
+    state.to(d)
+    try:
+        out = get_backend(name, d).step(x, labels.to(d), indices.to(d), state, cfg, epoch)
+    finally:
+        state.to("cpu")
+        if cfg.class_weight is not None:
+            cfg.class_weight = cfg.class_weight.cpu()
     return out, x
 
 
@@ -46,11 +65,11 @@ def test_loss_and_grad_match_cross_entropy(backend_name, gen, c, b, reduction):
     out, x = run_step(backend_name, logits, labels, indices, SampleState(n), cfg)
     ref_x = logits.clone().requires_grad_(True)
     ref = expected_loss(ref_x, labels, reduction)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    close(out, ref, rtol=1e-5, atol=1e-6)
     g = torch.randn(ref.shape, generator=gen) if reduction == "none" else torch.tensor(1.0)
-    out.backward(g)
+    out.backward(g.to(out.device))
     ref.backward(g)
-    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+    close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -64,10 +83,10 @@ def test_label_smoothing_and_class_weights(backend_name, gen, smoothing, weighte
         out, x = run_step(backend_name, logits, labels, indices, SampleState(n), cfg)
         ref_x = logits.clone().requires_grad_(True)
         ref = expected_loss(ref_x, labels, reduction, label_smoothing=smoothing, class_weight=w)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        close(out, ref, rtol=1e-5, atol=1e-6)
         out.sum().backward()
         ref.sum().backward()
-        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+        close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -78,11 +97,11 @@ def test_low_precision_logits_accumulate_in_fp32(backend_name, gen, dtype):
     out, x = run_step(backend_name, logits, labels, indices, state, LossConfig())
     ref_x = logits.clone().requires_grad_(True)
     ref = expected_loss(ref_x, labels, "mean")  # computed from the upcast logits
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    close(out, ref, rtol=1e-5, atol=1e-6)
     out.backward()
     ref.backward()
     assert x.grad.dtype == dtype
-    torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), rtol=1e-2, atol=1e-3)
+    close(x.grad.float(), ref_x.grad.float(), rtol=1e-2, atol=1e-3)
     oracle = OracleState(n)
     oracle.step(logits.float(), labels, indices, epoch=0, ema=0.3)
     torch.testing.assert_close(state.loss.double(), torch.tensor(oracle.loss, dtype=torch.float64), rtol=1e-5, atol=1e-6)
@@ -218,28 +237,28 @@ def test_policy_weights_scale_each_row(backend_name, gen):
         ref_x = logits.clone().requires_grad_(True)
         per = expected_loss(ref_x, labels, "none") * state.weight[indices]
         ref = {"mean": per.sum() / len(per), "sum": per.sum(), "none": per}[reduction]
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        close(out, ref, rtol=1e-5, atol=1e-6)
         out.sum().backward()
         ref.sum().backward()
-        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+        close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [1, 1000, 1337, 4099])
 def test_select_is_top_k_with_ties_by_index(backend_name, gen, n):
-    b = get_backend(backend_name, "cpu")
+    b = get_backend(backend_name, dev(backend_name))
     keys = torch.randint(0, 7, (n,), generator=gen).float()  # many ties
     keys[torch.rand(n, generator=gen) < 0.05] = float("nan")
     order = sorted(range(n), key=lambda i: (float("inf") if math.isnan(keys[i]) else -float(keys[i]), i))
     for k in sorted({1, n // 3 or 1, n}):
-        assert b.select(keys, k).tolist() == order[:k]
+        assert b.select(keys.to(dev(backend_name)), k).tolist() == order[:k]
 
 
 def test_select_orders_infinities_and_nan(backend_name):
     """+inf > FLT_MAX > ... > -FLT_MAX > -inf > NaN; -0 == +0 ties by index."""
-    b = get_backend(backend_name, "cpu")
+    b = get_backend(backend_name, dev(backend_name))
     big = torch.finfo(torch.float32).max
     keys = torch.tensor([float("nan"), -big, float("inf"), 0.0, float("-inf"), big, -0.0,
-                         float("nan"), float("inf"), 1.0, float("-inf")])
+                         float("nan"), float("inf"), 1.0, float("-inf")]).to(dev(backend_name))
     expect = [2, 8, 5, 9, 3, 6, 1, 4, 10, 0, 7]
     for k in (1, 3, 8, len(keys)):
         assert b.select(keys, k).tolist() == expect[:k]
@@ -250,18 +269,19 @@ def test_empty_batch_is_harmless(backend_name):
     st = SampleState(10)
     e = torch.empty(0, dtype=torch.int64)
     for strict in (True, False):
-        out = get_backend(backend_name, "cpu").step(torch.empty(0, 5), e, e, st, LossConfig(strict=strict), 0)
-        assert torch.isnan(out)
+        out, _ = run_step(backend_name, torch.empty(0, 5), e, e, st, LossConfig(strict=strict))
+        assert torch.isnan(out.cpu())
     assert int(st.seen.sum()) == 0 and int(st.errors.abs().sum()) == 0
 
 
 def test_noise_and_shuffle_are_bit_exact_with_reference(backend_name, gen):
-    b, ref = get_backend(backend_name, "cpu"), get_backend("reference", "cpu")
+    d = dev(backend_name)
+    b, ref = get_backend(backend_name, d), get_backend("reference", "cpu")
     idx = torch.arange(1337)
-    u = b.uniform(idx, 12345, rng.STREAM_SELECT)
+    u = b.uniform(idx.to(d), 12345, rng.STREAM_SELECT).cpu()
     assert torch.equal(u, rng.uniform(idx, 12345, rng.STREAM_SELECT))
     assert 0.0 < float(u.min()) and float(u.max()) < 1.0
     chosen = torch.randperm(1337, generator=gen)[:500]
-    s = b.shuffle(chosen, 777)
+    s = b.shuffle(chosen.to(d), 777).cpu()
     assert torch.equal(s, ref.shuffle(chosen, 777))
     assert sorted(s.tolist()) == sorted(chosen.tolist())

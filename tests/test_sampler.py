@@ -397,3 +397,15 @@ def test_loss_reduction_override_and_update_false():
         s.loss(logits, y, idx, reduction="avg")
     with pytest.raises(IndexError, match="99"):
         s.loss(logits, y, torch.tensor([3, 7, 7, 99]), update=False)
+
+
+def test_epoch_indices_follow_set_epoch_at_once():
+    """Asking for the indices right after set_epoch gives the new epoch's, in every form."""
+    s = fastsel.Sampler(90, policy="uniform", budget=0.5, epochs=4)
+    seen = []
+    for e in s.epochs():
+        a = s.epoch_indices()
+        assert s.epoch_array().tolist() == a
+        assert list(s) == a
+        seen.append(a)
+    assert len({tuple(x) for x in seen}) == 4
