@@ -46,7 +46,8 @@ constraints="$VENV/fastsel-constraints.txt"
 echo "torch==$torch_ver" > "$constraints"
 
 log "installing triton, numpy, test and job tools"
-pip_install -c "$constraints" triton numpy pytest pytest-benchmark tqdm scikit-learn torchdata matplotlib setuptools wheel ninja
+# Triton and torchdata are pinned: the interpreter and the Stateful protocol are what the tests exercise.
+pip_install -c "$constraints" "triton==3.9.0" numpy pytest pytest-benchmark tqdm scikit-learn "torchdata==0.11.0" matplotlib setuptools wheel ninja
 
 log "installing FFCV"
 pip_install -c "$constraints" pillow numba opencv-python-headless
