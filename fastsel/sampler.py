@@ -143,6 +143,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         self.state = SampleState(n, self._fixed_device or "cpu")
         self._sync = StateSync(self.state, self.world_size, self.rank) if self.world_size > 1 else None
         self._backend: Optional[Any] = None
+        self._backend_device: Optional[torch.device] = None
         self._generator = torch.Generator()
         self.epoch = 0
         self.position = 0            # samples of this epoch's shard that went through loss()
@@ -288,11 +289,8 @@ class Sampler(torch.utils.data.Sampler[int]):
         return self._shard_cache
 
     # ---- the selection pass -----------------------------------------------------------
-    def _device(self) -> torch.device:
-        return self.state.device
-
     def _get_backend(self, device: torch.device) -> Any:
-        if self._backend is None or getattr(self, "_backend_device", None) != device:
+        if self._backend is None or self._backend_device != device:
             self._backend = get_backend(self.backend_name, device)
             self._backend_device = device
         return self._backend
@@ -318,8 +316,6 @@ class Sampler(torch.utils.data.Sampler[int]):
         seen = st.seen > 0
         n_seen = int(seen.sum())
         mean_loss = float(torch.where(seen, st.loss, torch.zeros_like(st.loss)).sum()) / n_seen if n_seen else None
-        epoch_count = float(st.stats[STAT_EPOCH_COUNT])
-        epoch_loss = float(st.stats[STAT_EPOCH_LOSS]) / epoch_count if epoch_count else None
         self.policy.observe(st, mean_loss, self.time_mode)
         if self.time_mode:
             k = max(1, min(self.n, int(self.n * self.policy.time_share() + 0.5)))
@@ -331,7 +327,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         backend = self._get_backend(st.device)
         progress = self.progress() if self.time_mode else self.epoch / max(1, self.num_epochs)  # type: ignore[arg-type]
         ctx = SelectionContext(state=st, backend=backend, epoch=self.epoch, k=k, key=key,
-                               progress=progress, time_mode=self.time_mode, epoch_loss=epoch_loss)
+                               progress=progress, time_mode=self.time_mode)
         if k > 0:
             sel = self.policy.select(ctx)
             chosen = sel.indices

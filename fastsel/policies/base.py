@@ -20,8 +20,7 @@ class SelectionContext:
     """Everything a policy may look at when it draws one epoch's selection.
 
     ``k``: samples to select. ``key``: the epoch's counter-based RNG key. ``progress``:
-    share of the budget spent when the epoch starts. ``epoch_loss``: mean finite loss of
-    the samples trained since the last selection pass (None before any).
+    share of the budget spent when the epoch starts.
     """
 
     state: SampleState
@@ -31,7 +30,6 @@ class SelectionContext:
     key: int
     progress: float
     time_mode: bool
-    epoch_loss: Optional[float] = None
 
     @property
     def n(self) -> int:
