@@ -70,6 +70,12 @@ def extensions():
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+    if sys.platform.startswith("linux"):
+        # A toolchain that links libstdc++ statically, under a Python whose LDSHARED has
+        # -Bsymbolic-functions (Debian, Ubuntu), would bind our copy's functions to the
+        # process's libstdc++ data: formatting a number in an error message then crashed.
+        # Keeping archive symbols private binds such a copy wholly to itself.
+        link.append("-Wl,--exclude-libs,ALL")
     cuda, why = _want_cuda(torch)
     if cuda:
         glue = [s for s in cpp if os.path.basename(s).startswith("cuda_")]

@@ -1,5 +1,5 @@
 // Shared device helpers of the CUDA kernels: device guard, error strings, block-wide
-// deterministic reductions and the bitonic sort of 64-bit keys. CUDA runtime only.
+// deterministic reductions. CUDA runtime only.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -64,10 +64,6 @@ __device__ inline int64_t block_min(int64_t v, int64_t* shared /* [32] */) {
     for (int w = 0; w < (blockDim.x + 31) / 32; ++w) t = shared[w] < t ? shared[w] : t;
   return t;
 }
-
-// Sorts p keys (p a power of two) ascending on `stream`, one launch per bitonic step
-// (defined in select_kernels.cu).
-void bitonic_sort(uint64_t* keys, int64_t p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastsel

@@ -1,9 +1,12 @@
 // The selection pass on the GPU: a radix select finds the k-th largest key (four 8-bit
-// passes over the keys' order-preserving uint32 form, then four over the sample index to
-// resolve ties by lower index); the k winners, packed as (key, index) in 64 bits, are
-// compacted and sorted, so the result is exactly ReferenceBackend.select's. Also the
-// counter-based uniforms and the shuffle. CUDA runtime only.
+// passes over the keys' order-preserving uint32 form, then, only when the threshold key has
+// more ties than places left, four over the sample index to resolve them by lower index);
+// the k winners, packed as (key, index) in 64 bits, are compacted and sorted by cub's radix
+// sort, so the result is exactly ReferenceBackend.select's. Also the counter-based uniforms
+// and the shuffle. CUDA runtime and the toolkit's header-only cub.
 #include <cuda_runtime.h>
+
+#include <cub/device/device_radix_sort.cuh>
 
 #include <cstdint>
 #include <cstring>
@@ -23,6 +26,7 @@ struct SelectState {
   uint32_t iprefix, imask;  // index bits fixed so far (among keys equal to the threshold)
   uint32_t krem;            // how many to take among the candidates still open
   uint32_t count;           // compaction cursor
+  uint32_t all_ties;        // every key equal to the threshold wins: no index passes needed
 };
 
 unsigned grid_for(int64_t n) {
@@ -34,7 +38,7 @@ __global__ void init_kernel(SelectState* st, uint32_t k, unsigned* hist) {
   if (threadIdx.x == 0) {
     st->prefix = st->mask = st->iprefix = st->imask = 0;
     st->krem = k;
-    st->count = 0;
+    st->count = st->all_ties = 0;
   }
   for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
 }
@@ -46,31 +50,44 @@ __global__ void desc_keys_kernel(const float* keys, int64_t n, uint32_t* u) {
 }
 
 // Histogram of one 8-bit digit of the candidates still open. by_index: the candidates are
-// the keys equal to the threshold and the digit is taken from their index.
+// the keys equal to the threshold and the digit is taken from their index. Lanes of a warp
+// that hit the same bin add once (skewed keys would otherwise serialise on one counter).
 __global__ void hist_kernel(const uint32_t* u, int64_t n, const SelectState* st, int shift, bool by_index,
                             unsigned* hist) {
   __shared__ unsigned h[256];
+  if (by_index && st->all_ties) return;
   for (int d = threadIdx.x; d < 256; d += blockDim.x) h[d] = 0;
   __syncthreads();
   const uint32_t prefix = st->prefix, mask = st->mask, ip = st->iprefix, im = st->imask;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint32_t v = u[i];
-    if (!by_index) {
-      if ((v & mask) == prefix) atomicAdd(&h[(v >> shift) & 255u], 1u);
-    } else {
-      const uint32_t ix = static_cast<uint32_t>(i);
-      if (v == prefix && (ix & im) == ip) atomicAdd(&h[(ix >> shift) & 255u], 1u);
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // The loop bound is the same for all lanes of a warp (blockDim.x is a multiple of 32).
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); base < n;
+       base += stride) {
+    const int64_t i = base + lane;
+    uint32_t bin = 256u;  // not a candidate
+    if (i < n) {
+      const uint32_t v = u[i];
+      if (!by_index) {
+        if ((v & mask) == prefix) bin = (v >> shift) & 255u;
+      } else {
+        const uint32_t ix = static_cast<uint32_t>(i);
+        if (v == prefix && (ix & im) == ip) bin = (ix >> shift) & 255u;
+      }
     }
+    const unsigned peers = __match_any_sync(0xffffffffu, bin);
+    if (bin < 256u && lane == __ffs(peers) - 1) atomicAdd(&h[bin], static_cast<unsigned>(__popc(peers)));
   }
   __syncthreads();
   for (int d = threadIdx.x; d < 256; d += blockDim.x)
     if (h[d]) atomicAdd(&hist[d], h[d]);
 }
 
-// Picks the digit bin holding the krem-th candidate and clears the histogram.
+// Picks the digit bin holding the krem-th candidate and clears the histogram. After the
+// last key digit, the chosen bin counts the keys equal to the threshold: if all of them
+// fit, every tie wins and the index passes are skipped.
 __global__ void pick_kernel(SelectState* st, int shift, bool by_index, unsigned* hist) {
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && !(by_index && st->all_ties)) {
     uint32_t cum = 0, d = 0;
     for (; d < 255; ++d) {
       if (cum + hist[d] >= st->krem) break;
@@ -80,6 +97,10 @@ __global__ void pick_kernel(SelectState* st, int shift, bool by_index, unsigned*
     if (!by_index) {
       st->prefix |= d << shift;
       st->mask |= 255u << shift;
+      if (shift == 0 && hist[d] == st->krem) {
+        st->all_ties = 1;
+        st->iprefix = 0xffffffffu;
+      }
     } else {
       st->iprefix |= d << shift;
       st->imask |= 255u << shift;
@@ -89,37 +110,53 @@ __global__ void pick_kernel(SelectState* st, int shift, bool by_index, unsigned*
   for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
 }
 
-// The winners: keys below the threshold, and those equal to it up to the threshold index.
+// The winners: keys below the threshold, and those equal to it up to the threshold index,
+// in any order (they are sorted next). Each block takes kCompactItems keys per thread at a
+// time and reserves its slots with one atomic: one counter for all would serialise.
+constexpr int kCompactItems = 4;
+
 __global__ void compact_kernel(const uint32_t* u, int64_t n, SelectState* st, uint64_t* out) {
+  __shared__ uint32_t warp_offset[kThreads / 32];
+  __shared__ uint32_t block_offset;
   const uint32_t thr = st->prefix, ithr = st->iprefix;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint32_t v = u[i];
-    if (v < thr || (v == thr && static_cast<uint32_t>(i) <= ithr)) {
-      const uint32_t pos = atomicAdd(&st->count, 1u);
-      out[pos] = (static_cast<uint64_t>(v) << 32) | static_cast<uint64_t>(i);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t tile = static_cast<int64_t>(blockDim.x) * kCompactItems;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * tile; base < n; base += gridDim.x * tile) {
+    uint32_t v[kCompactItems];
+    uint32_t mine = 0;
+#pragma unroll
+    for (int j = 0; j < kCompactItems; ++j) {
+      const int64_t i = base + j * blockDim.x + threadIdx.x;
+      v[j] = i < n ? u[i] : 0xffffffffu;
+      const bool win = i < n && (v[j] < thr || (v[j] == thr && static_cast<uint32_t>(i) <= ithr));
+      mine |= static_cast<uint32_t>(win) << j;
     }
-  }
-}
-
-__global__ void fill_kernel(uint64_t* keys, int64_t from, int64_t to) {
-  for (int64_t i = from + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < to;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    keys[i] = ~0ull;
-}
-
-__global__ void bitonic_step_kernel(uint64_t* keys, int64_t p, int64_t j, int64_t k) {
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < p;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = q ^ j;
-    if (o > q) {
-      const uint64_t a = keys[q], b = keys[o];
-      const bool up = (q & k) == 0;
-      if ((a > b) == up) {
-        keys[q] = b;
-        keys[o] = a;
+    uint32_t before = __popc(mine);  // inclusive scan over the warp, then made exclusive
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t t = __shfl_up_sync(0xffffffffu, before, o);
+      if (lane >= o) before += t;
+    }
+    if (lane == 31) warp_offset[warp] = before;
+    before -= __popc(mine);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t total = 0;
+      for (int w = 0; w < kThreads / 32; ++w) {
+        const uint32_t c = warp_offset[w];
+        warp_offset[w] = total;
+        total += c;
       }
+      block_offset = total ? atomicAdd(&st->count, total) : 0u;
     }
+    __syncthreads();
+    uint32_t pos = block_offset + warp_offset[warp] + before;
+#pragma unroll
+    for (int j = 0; j < kCompactItems; ++j)
+      if (mine >> j & 1u) {
+        const int64_t i = base + j * blockDim.x + threadIdx.x;
+        out[pos++] = (static_cast<uint64_t>(v[j]) << 32) | static_cast<uint64_t>(i);
+      }
+    __syncthreads();  // warp_offset and block_offset are rewritten by the next tile
   }
 }
 
@@ -157,15 +194,26 @@ __global__ void gather_kernel(const I* chosen, const uint64_t* keys, int64_t m, 
 
 }  // namespace
 
-void bitonic_sort(uint64_t* keys, int64_t p, cudaStream_t stream) {
-  const unsigned grid = grid_for(p / 2 > 0 ? p / 2 : 1);
-  for (int64_t k = 2; k <= p; k <<= 1)
-    for (int64_t j = k >> 1; j > 0; j >>= 1) bitonic_step_kernel<<<grid, kThreads, 0, stream>>>(keys, p, j, k);
+// cub's radix sort of m unique 64-bit keys, ascending; *result says which buffer (keys or
+// alt) holds them. With temp == nullptr it only sets temp_bytes.
+cudaError_t sort_keys(void* temp, size_t& temp_bytes, uint64_t* keys, uint64_t* alt, int64_t m,
+                      cudaStream_t stream, uint64_t** result) {
+  cub::DoubleBuffer<uint64_t> buf(keys, alt);
+  const cudaError_t e = cub::DeviceRadixSort::SortKeys(temp, temp_bytes, buf, m, 0, 64, stream);
+  if (result) *result = buf.Current();
+  return e;
+}
+
+int64_t sort_temp_bytes(int64_t m) {
+  size_t bytes = 0;
+  sort_keys(nullptr, bytes, nullptr, nullptr, m, nullptr, nullptr);
+  return static_cast<int64_t>(bytes);
 }
 
 int64_t select_work_bytes(int64_t n, int64_t k) {
-  return align256(n * 4) + align256(next_pow2(k > 0 ? k : 1) * 8) + align256(256 * 4) +
-         align256(sizeof(SelectState));
+  const int64_t m = k > 0 ? k : 1;
+  return align256(n * 4) + 2 * align256(m * 8) + align256(256 * 4) + align256(sizeof(SelectState)) +
+         align256(sort_temp_bytes(m));
 }
 
 const char* launch_select(const float* keys, int64_t n, int64_t k, int64_t* out, void* work, int device,
@@ -178,12 +226,14 @@ const char* launch_select(const float* keys, int64_t n, int64_t k, int64_t* out,
   char* w = static_cast<char*>(work);
   uint32_t* u = reinterpret_cast<uint32_t*>(w);
   w += align256(n * 4);
-  const int64_t p = next_pow2(k);
   uint64_t* packed = reinterpret_cast<uint64_t*>(w);
-  w += align256(p * 8);
+  w += align256(k * 8);
+  uint64_t* alt = reinterpret_cast<uint64_t*>(w);
+  w += align256(k * 8);
   unsigned* hist = reinterpret_cast<unsigned*>(w);
   w += align256(256 * 4);
   SelectState* st = reinterpret_cast<SelectState*>(w);
+  w += align256(sizeof(SelectState));
   const unsigned grid = grid_for(n);
   init_kernel<<<1, 256, 0, stream>>>(st, static_cast<uint32_t>(k), hist);
   desc_keys_kernel<<<grid, kThreads, 0, stream>>>(keys, n, u);
@@ -195,10 +245,12 @@ const char* launch_select(const float* keys, int64_t n, int64_t k, int64_t* out,
     hist_kernel<<<grid, kThreads, 0, stream>>>(u, n, st, shift, true, hist);
     pick_kernel<<<1, 256, 0, stream>>>(st, shift, true, hist);
   }
-  compact_kernel<<<grid, kThreads, 0, stream>>>(u, n, st, packed);
-  if (p > k) fill_kernel<<<grid_for(p - k), kThreads, 0, stream>>>(packed, k, p);
-  bitonic_sort(packed, p, stream);
-  low_bits_kernel<<<grid_for(k), kThreads, 0, stream>>>(packed, k, out);
+  compact_kernel<<<grid_for((n + kCompactItems - 1) / kCompactItems), kThreads, 0, stream>>>(u, n, st, packed);
+  uint64_t* sorted = packed;
+  size_t temp_bytes = static_cast<size_t>(sort_temp_bytes(k));
+  const cudaError_t e = sort_keys(w, temp_bytes, packed, alt, k, stream, &sorted);
+  if (e != cudaSuccess) return cudaGetErrorString(e);
+  low_bits_kernel<<<grid_for(k), kThreads, 0, stream>>>(sorted, k, out);
   return last_error();
 }
 
@@ -216,7 +268,10 @@ const char* launch_uniform(const void* idx, bool idx64, int64_t n, int64_t key, 
   return last_error();
 }
 
-int64_t shuffle_work_bytes(int64_t m) { return align256(next_pow2(m > 0 ? m : 1) * 8); }
+int64_t shuffle_work_bytes(int64_t m) {
+  const int64_t c = m > 0 ? m : 1;
+  return 2 * align256(c * 8) + align256(sort_temp_bytes(c));
+}
 
 const char* launch_shuffle(const void* chosen, bool chosen64, int64_t m, int64_t key, void* out, void* work,
                            int device, void* stream_ptr) {
@@ -226,19 +281,22 @@ const char* launch_shuffle(const void* chosen, bool chosen64, int64_t m, int64_t
   if (!guard.ok) return "fastsel: cannot make the indices' CUDA device current";
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const uint32_t base = stream_base(key, kStreamShuffle);
-  const int64_t p = next_pow2(m);
   uint64_t* keys = static_cast<uint64_t*>(work);
+  uint64_t* alt = reinterpret_cast<uint64_t*>(static_cast<char*>(work) + align256(m * 8));
+  void* temp = static_cast<char*>(work) + 2 * align256(m * 8);
   if (chosen64)
     shuffle_keys_kernel<int64_t><<<grid_for(m), kThreads, 0, stream>>>(static_cast<const int64_t*>(chosen), m, base, keys);
   else
     shuffle_keys_kernel<int32_t><<<grid_for(m), kThreads, 0, stream>>>(static_cast<const int32_t*>(chosen), m, base, keys);
-  if (p > m) fill_kernel<<<grid_for(p - m), kThreads, 0, stream>>>(keys, m, p);
-  bitonic_sort(keys, p, stream);
+  uint64_t* sorted = keys;
+  size_t temp_bytes = static_cast<size_t>(sort_temp_bytes(m));
+  const cudaError_t e = sort_keys(temp, temp_bytes, keys, alt, m, stream, &sorted);
+  if (e != cudaSuccess) return cudaGetErrorString(e);
   if (chosen64)
-    gather_kernel<int64_t><<<grid_for(m), kThreads, 0, stream>>>(static_cast<const int64_t*>(chosen), keys, m,
+    gather_kernel<int64_t><<<grid_for(m), kThreads, 0, stream>>>(static_cast<const int64_t*>(chosen), sorted, m,
                                                                  static_cast<int64_t*>(out));
   else
-    gather_kernel<int32_t><<<grid_for(m), kThreads, 0, stream>>>(static_cast<const int32_t*>(chosen), keys, m,
+    gather_kernel<int32_t><<<grid_for(m), kThreads, 0, stream>>>(static_cast<const int32_t*>(chosen), sorted, m,
                                                                  static_cast<int32_t*>(out));
   return last_error();
 }

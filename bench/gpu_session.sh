@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# A GPU machine's whole check in one call: build fastsel._C with CUDA, run the test files that
+# exercise the GPU backends, then the GPU benchmarks (bench_triton.py, `fastsel bench --device
+# cuda --full`, gpu_profile.py). Logs and JSON go to $OUT (default: a fresh temporary folder);
+# copy the JSON into bench/results/ to keep it.
+#   bash bench/gpu_session.sh [tests|bench|all]   (default all; PY, TEST_TIMEOUT, TESTS_EXTRA)
+set -uo pipefail
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+what=${1:-all}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import torch, triton, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  nvcc --version | tail -2
+} 2>&1 | tee "$OUT/env.txt"
+
+start=$(date +%s)
+FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+  $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1
+echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+tail -5 "$OUT/build.log"
+$PY -c "import fastsel; print('backends', fastsel.backends())" 2>&1 | tee -a "$OUT/env.txt"
+
+if [[ $what == tests || $what == all ]]; then
+  timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q --maxfail=40 -p no:cacheprovider -n 8 \
+    tests/test_backends.py tests/test_triton.py tests/test_csrc.py tests/test_no_sync.py \
+    tests/test_sampler.py tests/test_resume.py tests/test_selective.py ${TESTS_EXTRA:-} \
+    > "$OUT/tests.log" 2>&1
+  echo "tests rc=$?"; tail -25 "$OUT/tests.log"
+fi
+if [[ $what == bench || $what == all ]]; then
+  timeout 200 $PY bench/bench_triton.py --out "$OUT/triton_bench_h100.json" > "$OUT/bench_triton.log" 2>&1
+  echo "bench_triton rc=$?"; tail -2 "$OUT/bench_triton.log"
+  timeout 200 $PY -m fastsel bench --device cuda --full --out "$OUT/core_cuda_h100.json" > "$OUT/bench_core.log" 2>&1
+  echo "bench_core rc=$?"; tail -30 "$OUT/bench_core.log"
+  timeout 200 $PY bench/gpu_profile.py --out "$OUT/gpu_profile_h100.json" > "$OUT/gpu_profile.log" 2>&1
+  echo "gpu_profile rc=$?"; grep -v -i warn "$OUT/gpu_profile.log" | tail -26
+fi
