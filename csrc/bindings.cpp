@@ -22,6 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("key"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("shuffle", &fastsel::cpu_shuffle, "ReferenceBackend.shuffle, exact (CPU)", py::arg("chosen"),
         py::arg("key"), py::call_guard<py::gil_scoped_release>());
+  m.def("set_local_num_threads", &fastsel::set_local_num_threads,
+        "ATen intra-op threads for the calling thread only; returns the previous number", py::arg("n"));
 #ifdef FASTSEL_WITH_CUDA
   m.attr("with_cuda") = true;
   fastsel::register_cuda_ops(m);

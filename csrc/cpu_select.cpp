@@ -18,21 +18,45 @@ namespace fastsel {
 namespace {
 constexpr int kDigitBits = 11;
 constexpr uint32_t kDigits = 1u << kDigitBits;
+
+// radix_sort_pairs for short arrays (a batch's sample indices, a small selection): 8-bit
+// digits, whose 256-entry histograms cost little to clear, and no pass over a digit that
+// every key shares (indices below 2**16 take two passes).
+void radix_sort_pairs_short(std::vector<uint32_t>& key, std::vector<uint32_t>& val) {
+  const size_t m = key.size();
+  uint32_t any = 0, all = ~0u;
+  for (const uint32_t k : key) {
+    any |= k;
+    all &= k;
+  }
+  const uint32_t varying = any ^ all;  // the bits that differ between some keys
+  std::vector<uint32_t> k2(m), v2(m);
+  for (int shift = 0; shift < 32; shift += 8) {
+    if (((varying >> shift) & 0xFFu) == 0) continue;
+    uint32_t start[256] = {0};
+    for (size_t i = 0; i < m; ++i) ++start[(key[i] >> shift) & 0xFFu];
+    uint32_t sum = 0;
+    for (uint32_t& s : start) {
+      const uint32_t cnt = s;
+      s = sum;
+      sum += cnt;
+    }
+    for (size_t i = 0; i < m; ++i) {
+      const uint32_t pos = start[(key[i] >> shift) & 0xFFu]++;
+      k2[pos] = key[i];
+      v2[pos] = val[i];
+    }
+    key.swap(k2);
+    val.swap(v2);
+  }
+}
 }  // namespace
 
 void radix_sort_pairs(std::vector<uint32_t>& key, std::vector<uint32_t>& val) {
   const size_t m = key.size();
   if (m < 2) return;
   if (m <= 2048) {
-    std::vector<uint64_t> kv(m);
-    for (size_t i = 0; i < m; ++i) kv[i] = (static_cast<uint64_t>(key[i]) << 32) | i;
-    std::sort(kv.begin(), kv.end());
-    std::vector<uint32_t> v2(m);
-    for (size_t i = 0; i < m; ++i) {
-      key[i] = static_cast<uint32_t>(kv[i] >> 32);
-      v2[i] = val[static_cast<uint32_t>(kv[i])];
-    }
-    val.swap(v2);
+    radix_sort_pairs_short(key, val);
     return;
   }
   std::vector<uint32_t> hist(3 * kDigits, 0);

@@ -33,4 +33,9 @@ at::Tensor cpu_select(const at::Tensor& keys, int64_t k);
 at::Tensor cpu_uniform(const at::Tensor& idx, int64_t key, int64_t stream);
 at::Tensor cpu_shuffle(const at::Tensor& chosen, int64_t key);
 
+// Sets the number of ATen intra-op threads for ops the calling thread launches (OpenMP
+// backend; other threads keep theirs) and returns the previous number. Defined in
+// cpu_threads.cpp.
+int64_t set_local_num_threads(int64_t n);
+
 }  // namespace fastsel

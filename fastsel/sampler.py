@@ -24,6 +24,7 @@ from .distributed import StateSync, world
 from .policies import Policy, SelectionContext, make_policy
 from .state import STAT_EPOCH_COUNT, STAT_EPOCH_LOSS, STAT_NONFINITE, SampleState
 from .summary import Summary, selection_entropy
+from .threads import calling_thread_only
 
 _FORMAT = 1
 
@@ -300,7 +301,26 @@ class Sampler(torch.utils.data.Sampler[int]):
             self._selection_pass()
 
     def _selection_pass(self) -> None:
+        """Draw the epoch's selection, timed; a CPU pass over a moderate N stays on this
+        thread (see fastsel.threads)."""
         t0 = time.perf_counter()
+        with calling_thread_only(self.state.device, self.n):
+            self._draw_selection()
+        self._selection_time += time.perf_counter() - t0
+
+    def _mean_loss(self) -> Optional[float]:
+        """Mean loss EMA over trained samples (None before any), if the policy reads it."""
+        if not self.policy.uses_mean_loss:
+            return None
+        st = self.state
+        seen = st.seen > 0
+        n_seen = int(seen.sum())
+        if not n_seen:
+            return None
+        return float(torch.where(seen, st.loss, torch.zeros_like(st.loss)).sum()) / n_seen
+
+    def _draw_selection(self) -> None:
+        """Merge the ranks' state, let the policy pick k samples, record them, shuffle."""
         st = self.state
         budget_left = None
         if self._sync is not None:
@@ -313,10 +333,7 @@ class Sampler(torch.utils.data.Sampler[int]):
             self._sync.rebase(st, mark=self.epoch)
         if bool(errs.any()):
             raise_for_errors(errs, self.n)
-        seen = st.seen > 0
-        n_seen = int(seen.sum())
-        mean_loss = float(torch.where(seen, st.loss, torch.zeros_like(st.loss)).sum()) / n_seen if n_seen else None
-        self.policy.observe(st, mean_loss, self.time_mode)
+        self.policy.observe(st, self._mean_loss(), self.time_mode)
         if self.time_mode:
             k = max(1, min(self.n, int(self.n * self.policy.time_share() + 0.5)))
             if budget_left is not None:
@@ -349,7 +366,6 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._shard_cache = self._shard_cpu = None
         self._shard_tensor()  # the one device→host copy of the epoch
         self._epoch_counts.append(int(k))
-        self._selection_time += time.perf_counter() - t0
 
     # ---- the loss call ----------------------------------------------------------------
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, *,

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from fastsel.backends import get_backend
 from fastsel.backends.cpu import REDUCTION_CODES, step_args
 from fastsel.config import LossConfig
 from fastsel.state import SampleState
+from fastsel.threads import SERIAL_MAX_N
 
 try:
     from fastsel import _C
@@ -465,3 +467,83 @@ def test_sampler_runs_identically_on_cpu_and_reference(policy):
 def test_reduction_codes_cover_config():
     from fastsel.config import REDUCTIONS
     assert set(REDUCTION_CODES) == set(REDUCTIONS)
+
+
+# ---- the selection pass stays on the calling thread ----------------------------------------
+
+#: Whether the extension can limit ATen's threads per thread (it is built with OpenMP, as
+#: setup.py does on Linux when torch uses OpenMP).
+LOCAL_THREADS = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+
+
+@needs_c
+def test_set_local_num_threads_changes_only_the_calling_thread():
+    before = torch.get_num_threads()
+    previous = _C.set_local_num_threads(1)
+    try:
+        assert previous == before
+        other = []
+        t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert other == [before]
+        if LOCAL_THREADS:
+            assert torch.get_num_threads() == 1
+    finally:
+        _C.set_local_num_threads(previous)
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="n must be >= 1, got 0"):
+        _C.set_local_num_threads(0)
+
+
+class _ThreadProbe(fastsel.policies.Policy):
+    """Uniform selection that records ATen's threads during the pass (and can fail)."""
+
+    name = "thread-probe"
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.fail = fail
+        self.threads = None
+
+    def select(self, ctx):
+        self.threads = torch.get_num_threads()
+        if self.fail:
+            raise RuntimeError("probe failed")
+        return self.uniform_selection(ctx)
+
+
+@needs_c
+@pytest.mark.parametrize("n", [50_000, SERIAL_MAX_N + 1])
+def test_cpu_selection_pass_runs_on_the_calling_thread_up_to_serial_max_n(n):
+    before = torch.get_num_threads()
+    probe = _ThreadProbe()
+    fastsel.Sampler(n, policy=probe, budget=0.5, epochs=1).epoch_indices()
+    alone = LOCAL_THREADS and n <= SERIAL_MAX_N
+    assert probe.threads == (1 if alone else before)
+    assert torch.get_num_threads() == before
+    failing = fastsel.Sampler(n, policy=_ThreadProbe(fail=True), budget=0.5, epochs=1)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        failing.epoch_indices()
+    assert torch.get_num_threads() == before
+
+
+@needs_c
+@pytest.mark.parametrize("policy", ["uniform", "tftb", "p-sgd", "infobatch"])
+def test_selection_at_moderate_n_equals_reference(policy):
+    """N = 50,000 (ATen would split its ops over threads; the pass keeps them on one): the
+    same selection from either backend, drawn from the same trained-looking state."""
+    n = 50_000
+    g = torch.Generator().manual_seed(11)
+    loss, var, p = torch.rand(n, generator=g) * 3, torch.rand(n, generator=g), torch.rand(n, generator=g)
+    seen = (torch.rand(n, generator=g) < 0.9).int() * torch.randint(1, 4, (n,), generator=g, dtype=torch.int32)
+    drawn = {}
+    for name in ("reference", "cpu"):
+        s = fastsel.Sampler(n, policy=policy, budget=0.3, epochs=4, seed=2, backend=name)
+        st = s.state
+        for buf, value in ((st.loss, loss), (st.loss_var, var), (st.p_true, p), (st.seen, seen)):
+            buf.copy_(value)
+        s.set_epoch(1)
+        drawn[name] = (s.epoch_indices(), s.state.weight.clone())
+    assert drawn["cpu"][0] == drawn["reference"][0]
+    assert torch.equal(drawn["cpu"][1], drawn["reference"][1])

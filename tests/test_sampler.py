@@ -123,6 +123,38 @@ def test_tftb_adapts_alpha_under_time_budget_and_explore_under_fraction():
     assert math.isclose(f.explore, 0.15)
 
 
+class _MeanLossProbe(fastsel.policies.Policy):
+    """Uniform selection that records the mean loss each selection pass hands to observe."""
+
+    name = "mean-loss-probe"
+
+    def __init__(self, uses_mean_loss):
+        super().__init__()
+        self.uses_mean_loss = uses_mean_loss
+        self.got = []
+
+    def observe(self, state, mean_loss, time_mode):
+        self.got.append(mean_loss)
+
+    def select(self, ctx):
+        return self.uniform_selection(ctx)
+
+
+def test_mean_loss_is_computed_only_for_policies_that_read_it():
+    assert {name for name, cls in POLICIES.items() if cls.uses_mean_loss} == {"tftb"}
+    assert fastsel.policies.Policy.uses_mean_loss  # a custom policy's observe may read it
+    for uses in (True, False):
+        probe = _MeanLossProbe(uses)
+        s = fastsel.Sampler(40, policy=probe, budget=1.0, epochs=2)
+        for _ in s.epochs():
+            expect = float(s.state.loss.mean()) if uses and s.epoch > 0 else None
+            train_epoch(s, 8)
+            if expect is None:
+                assert probe.got[-1] is None
+            else:
+                assert probe.got[-1] == pytest.approx(expect, rel=1e-6)
+
+
 def test_infobatch_prunes_low_loss_and_rescales_exactly():
     n = 1000
     s = fastsel.Sampler(n, policy="infobatch", budget=0.8, epochs=8, prune=0.5, anneal=0.25)

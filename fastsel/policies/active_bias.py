@@ -19,6 +19,8 @@ class _ActiveBias(Policy):
     gets the mean importance of the trained ones.
     """
 
+    uses_mean_loss = False
+
     def __init__(self, warmup: int = 0, keep: float = 1.0) -> None:
         super().__init__(keep)
         if int(warmup) < 0:

@@ -60,10 +60,12 @@ class Policy:
     """Base class. Subclasses set ``name`` and implement ``select``.
 
     ``keep``: under a time budget, the share of samples each epoch selects (fraction
-    budgets fix it at the budget instead).
+    budgets fix it at the budget instead). ``uses_mean_loss``: whether ``observe`` reads
+    the mean loss (a pass over N that the sampler skips for policies that do not).
     """
 
     name = "policy"
+    uses_mean_loss = True
 
     def __init__(self, keep: float = 1.0) -> None:
         if not 0.0 < float(keep) <= 1.0:
@@ -85,7 +87,7 @@ class Policy:
     def observe(self, state: SampleState, mean_loss: Optional[float], time_mode: bool) -> None:
         """Called once per selection pass, before the epoch's count is fixed: adaptive
         policies update themselves from the synchronised state and the mean loss EMA over
-        trained samples (None before any)."""
+        trained samples (None before any, or if ``uses_mean_loss`` is False)."""
 
     def select(self, ctx: SelectionContext) -> Selection:
         raise NotImplementedError

@@ -10,6 +10,7 @@ class Uniform(Policy):
     other policy must beat."""
 
     name = "uniform"
+    uses_mean_loss = False
 
     def select(self, ctx: SelectionContext) -> Selection:
         return self.uniform_selection(ctx)
@@ -20,6 +21,7 @@ class Scan(Policy):
     only round(T·B) of them."""
 
     name = "scan"
+    uses_mean_loss = False
 
     def count(self, n: int, budget: float) -> int:
         return n

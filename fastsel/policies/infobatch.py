@@ -26,6 +26,7 @@ class InfoBatch(Policy):
     """
 
     name = "infobatch"
+    uses_mean_loss = False  # it splits at the mean itself (low_loss)
 
     def __init__(self, prune: float = 0.5, anneal: float = 0.125) -> None:
         super().__init__(keep=1.0)
