@@ -24,7 +24,7 @@ tail -5 "$OUT/build.log"
 $PY -c "import fastsel; print('backends', fastsel.backends())" 2>&1 | tee -a "$OUT/env.txt"
 
 if [[ $what == tests || $what == all ]]; then
-  timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q --maxfail=40 -p no:cacheprovider -n 8 \
+  timeout ${TEST_TIMEOUT:-400} $PY -m pytest -q --maxfail=40 -p no:cacheprovider -n 8 \
     tests/test_backends.py tests/test_triton.py tests/test_csrc.py tests/test_no_sync.py \
     tests/test_sampler.py tests/test_resume.py tests/test_selective.py ${TESTS_EXTRA:-} \
     > "$OUT/tests.log" 2>&1
