@@ -28,6 +28,17 @@ def world(num_replicas: Optional[int], rank: Optional[int]) -> Tuple[int, int]:
     return int(num_replicas), int(rank)
 
 
+def agree_min(value: int) -> int:
+    """The smallest of every rank's ``value`` (one all-reduce), or ``value`` itself without
+    a process group of more than one rank. A host sync: for counts that decide collectives."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(value)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 class StateSync:
     """Merges the ranks' updates since the last pass; keeps the baseline they started from."""
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .batch_policies import BatchPolicy, batch_topk, make_batch_policy
 from .batch_policies.base import TopK
+from .distributed import agree_min
 from .sampler import Sampler
 from .summary import Summary
 
@@ -78,9 +79,11 @@ class SelectiveStep:
     Notes: selection forward passes run in the model's current mode, so BatchNorm running
     statistics see them as they see any forward pass. ``summary()`` counts forward and
     backward passes in samples: SB and SIFT pay forward passes the budget does not count.
-    Under DDP, OSGD and SIFT run one backward per step on every rank; SB's pooled batches
-    would let ranks disagree on the number of backward passes, which needs a cross-rank
-    agreement not implemented yet.
+    Under DDP, OSGD and SIFT run one backward per step on every rank. SB's ranks pool
+    different numbers of rows, so each step they agree (one all-reduce of a count) to run
+    as many full backward batches as the rank with the fewest can; ``flush()`` and
+    ``leftover="flush"`` train the number of rows every rank has, and keep the rest
+    pending. Every rank thus runs the same forward and backward passes, as DDP needs.
     """
 
     def __init__(self, model: nn.Module, policy: Union[str, BatchPolicy] = "sb",
@@ -358,7 +361,7 @@ class SelectiveStep:
             if pos.numel():
                 self._pend.append((x[pos], y[pos], None if idx is None else idx[pos]))
                 self._pending += int(pos.numel())
-            while self._pending >= self.batch_size:
+            for _ in range(agree_min(self._pending // self.batch_size)):
                 xb, yb, ib = self._take(self.batch_size)
                 losses.append(self._train(xb, yb, ib)[0])
                 trained.append(ib)
@@ -391,11 +394,13 @@ class SelectiveStep:
     def flush(self) -> Optional[torch.Tensor]:
         """Train SB's pending rows now as one (smaller) backward batch; steps the optimizer
         if it owns one and gradients are pending. Returns the loss, or None if nothing was
-        pending. Call it once at the end of training."""
+        pending. Call it once at the end of training (on every rank under DDP, where it
+        trains as many rows as every rank has)."""
         loss = None
         t0 = time.perf_counter()
-        if self._pending:
-            xb, yb, ib = self._take(self._pending)
+        rows = agree_min(self._pending)
+        if rows:
+            xb, yb, ib = self._take(rows)
             loss = self._train(xb, yb, ib)[0]
         if self.optimizer is not None and self._micro:
             self._optimizer_step()
@@ -415,11 +420,13 @@ class SelectiveStep:
             self._counted.zero_()
         self.policy.end_epoch(self, acc)
         self.last_accuracy = acc
-        if getattr(self.policy, "leftover", "carry") == "flush" and self._pending:
-            t0 = time.perf_counter()
-            xb, yb, ib = self._take(self._pending)
-            self._train(xb, yb, ib)
-            self.times["total"] += time.perf_counter() - t0
+        if getattr(self.policy, "leftover", "carry") == "flush":
+            rows = agree_min(self._pending)
+            if rows:
+                t0 = time.perf_counter()
+                xb, yb, ib = self._take(rows)
+                self._train(xb, yb, ib)
+                self.times["total"] += time.perf_counter() - t0
         self.counts["epochs_ended"] += 1
         if self.sampler is None:
             self._own_epoch += 1

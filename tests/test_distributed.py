@@ -93,3 +93,53 @@ def test_time_budget_ranks_agree_on_epochs(tmp_path):
     assert [a["epoch"] for a in r0["record"]] == [b["epoch"] for b in r1["record"]] == [0, 1, 2]
     for a, b in zip(r0["record"], r1["record"]):
         assert a["selection"] == b["selection"]
+
+
+# ---- Selective Backprop under DDP: every rank runs the same backward passes ----------------
+
+def _sb_worker(rank, world, init_file, out_dir):
+    import datetime
+
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # A collective the ranks disagree on fails after the timeout instead of hanging.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)  # the same initial model on every rank
+        model = DDP(nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = fastsel.SelectiveStep(model, "sb", keep=0.4, optimizer=opt, seed=rank)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+        batches, pending = [], []
+        for t in range(25):
+            x = torch.randn(16, 6, generator=g)
+            y = torch.randint(0, 3, (16,), generator=g)
+            step(x, y, torch.arange(16) + 16 * (t + 25 * rank))
+            batches.append(step.last["backward_batches"])
+            pending.append(step.pending)
+        before_flush = step.pending
+        step.flush()
+        torch.save({"batches": batches, "pending": pending, "before_flush": before_flush,
+                    "after_flush": step.pending, "summary": dict(step.summary()),
+                    "params": [p.detach().clone() for p in model.parameters()]},
+                   os.path.join(out_dir, f"sb{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_selective_backprop_ranks_agree_on_backward_batches(tmp_path):
+    world = 2
+    mp.start_processes(_sb_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
+                       join=True, start_method="spawn")
+    out = [torch.load(tmp_path / f"sb{r}.pt", weights_only=False) for r in range(world)]
+    a, b = out
+    assert a["batches"] == b["batches"]          # the same backward passes, step by step
+    assert sum(a["batches"]) >= 2
+    assert a["pending"] != b["pending"]          # the ranks did pool different numbers of rows
+    assert all(x < 16 for x in a["batches"])
+    for r in out:                                 # what the rank with the fewest had, no more
+        assert r["after_flush"] == r["before_flush"] - min(a["before_flush"], b["before_flush"])
+    for p, q in zip(a["params"], b["params"]):   # DDP kept the replicas identical
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -124,11 +124,6 @@ class SelectiveBackprop(BatchPolicy):
 
     def attach(self, step: "SelectiveStep") -> None:
         self.key = rng.mix32_int((int(step.seed) * 0x9E3779B1 + 0x5B) & rng.MASK32)
-        if isinstance(step.model, torch.nn.parallel.DistributedDataParallel):
-            raise NotImplementedError(
-                "Selective Backprop under DistributedDataParallel is not supported yet: each "
-                "rank pools its own kept samples, so ranks would run different numbers of "
-                "backward passes and the gradient all-reduce would hang; use 'osgd' or 'sift'")
         if self.stale is not None:
             if step.sampler is not None:
                 raise ValueError(
