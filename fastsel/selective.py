@@ -469,13 +469,34 @@ class SelectiveStep:
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Counters and the policy's state (SB's history, OSGD's share, SIFT's exit head).
-        Pending SB rows are not saved: ``flush()`` before saving to train them."""
+        """Counters, the policy's state (SB's history, OSGD's share, SIFT's exit head) and
+        SB's pending rows (on the CPU). Save it at an optimizer-step boundary: gradients
+        accumulated towards the next step are the model's, not saved here."""
+        pend = None
+        if self._pending:
+            xs, ys, ids = self._take(self._pending)
+            self._pend, self._pending = [(xs, ys, ids)], int(xs.shape[0])
+            pend = {"x": xs.detach().cpu().clone(), "y": ys.detach().cpu().clone(),
+                    "idx": None if ids is None else ids.detach().cpu().clone()}
         return {"format": _FORMAT, "config": self.policy.config(), "own_epoch": self._own_epoch,
                 "counts": dict(self.counts), "times": dict(self.times),
                 "policy": self.policy.state_dict(), "batch_size": self.batch_size,
                 "last_loss": None if self._last_loss is None else self._last_loss.cpu().clone(),
-                "known": None if self._known is None else self._known.cpu().clone()}
+                "known": None if self._known is None else self._known.cpu().clone(),
+                "pending": pend}
+
+    def _pending_rows(self, pend: Any) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """Saved pending rows, checked, on the model's device."""
+        if pend is None:
+            return []
+        x, y, ids = pend["x"], pend["y"], pend["idx"]
+        rows = int(x.shape[0])
+        if int(y.shape[0]) != rows or (ids is not None and int(ids.shape[0]) != rows):
+            raise ValueError(f"pending rows disagree: {rows} inputs, {int(y.shape[0])} labels, "
+                             f"{None if ids is None else int(ids.shape[0])} indices")
+        param = next(self.model.parameters(), None)
+        dev = param.device if param is not None else x.device
+        return [(x.to(dev), y.to(dev), None if ids is None else ids.to(dev))]
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         if not isinstance(sd, dict) or sd.get("format") != _FORMAT:
@@ -483,7 +504,9 @@ class SelectiveStep:
         if sd["config"] != self.policy.config():
             raise ValueError(f"state_dict is for policy {sd['config']}, this step has "
                              f"{self.policy.config()}")
+        pend = self._pending_rows(sd.get("pending"))
         self.policy.load_state_dict(sd["policy"])
+        self._pend, self._pending = pend, sum(int(p[0].shape[0]) for p in pend)
         self._own_epoch = int(sd["own_epoch"])
         self.counts.update(sd["counts"])
         self.times.update(sd["times"])
