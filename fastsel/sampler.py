@@ -401,6 +401,19 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._loss_calls += 1
         return out
 
+    def skip(self, indices: torch.Tensor) -> None:
+        """Count a batch as consumed without observing it, for a batch-level policy that
+        chose its rows on stale losses (StaleSB): the epoch position and the budget's
+        progress advance as ``loss()`` would advance them; the per-sample state does not."""
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
+            raise ValueError("indices must be a 1-D tensor of the batch's sample indices")
+        if indices.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"indices must be int64 or int32, got {indices.dtype}")
+        b = int(indices.shape[0])
+        self.position += b
+        self._trained += b
+        self._loss_calls += 1
+
     # ---- observability ----------------------------------------------------------------
     def summary(self) -> Summary:
         """Selected fraction, samples seen/skipped, passes saved, selection time, entropy."""

@@ -205,6 +205,11 @@ class SelectiveStep:
             with torch.no_grad():
                 self.sampler.loss(logits.detach(), y, idx, reduction="none")  # type: ignore[arg-type]
 
+    def skip_observation(self, idx: Optional[torch.Tensor]) -> None:
+        """A batch chosen on stale losses: the sampler (if any) counts it as consumed."""
+        if self.sampler is not None:
+            self.sampler.skip(idx)  # type: ignore[arg-type]
+
     def _record_last(self, idx: Optional[torch.Tensor], losses: torch.Tensor) -> None:
         if not self.policy.needs_last_loss or idx is None:
             return

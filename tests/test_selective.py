@@ -352,8 +352,8 @@ def test_sift_stops_the_selection_forward_at_the_exit():
 
 # ---- with an epoch-level Sampler ----------------------------------------------------------------
 
-@pytest.mark.parametrize("policy,kw", [("sb", {"keep": 0.5}), ("osgd", {}), ("sift", {"module": "1"})])
-def test_selective_step_with_a_sampler_observes_each_sample_once(policy, kw):
+def _with_sampler(policy, **kw):
+    """(sampler, loader, optimizer, BudgetLR, step): 200 samples, budget 0.5, 3 epochs."""
     x, y = data(n=200)
     train = fastsel.with_indices(TensorDataset(x, y))
     sampler = fastsel.Sampler(train, policy="uniform", budget=0.5, epochs=3, seed=0)
@@ -361,7 +361,12 @@ def test_selective_step_with_a_sampler_observes_each_sample_once(policy, kw):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = fastsel.BudgetLR(opt, sampler)
-    s = SelectiveStep(model, policy, optimizer=opt, scheduler=sched, sampler=sampler, **kw)
+    return sampler, loader, opt, sched, SelectiveStep(model, policy, optimizer=opt, scheduler=sched,
+                                                      sampler=sampler, **kw)
+
+@pytest.mark.parametrize("policy,kw", [("sb", {"keep": 0.5}), ("osgd", {}), ("sift", {"module": "1"})])
+def test_selective_step_with_a_sampler_observes_each_sample_once(policy, kw):
+    sampler, loader, opt, sched, s = _with_sampler(policy, **kw)
     epochs = 0
     for _ in sampler.epochs():
         for xb, yb, idx in loader:
@@ -379,6 +384,27 @@ def test_selective_step_with_a_sampler_observes_each_sample_once(policy, kw):
     assert sm["optimizer_steps"] == sm["backward_batches"]
     assert sched.last_epoch == sm["optimizer_steps"]
     assert opt.param_groups[0]["lr"] < 0.01   # BudgetLR reached (almost) 0 at the budget's end
+
+
+def test_stale_sb_with_a_sampler_counts_stale_batches_as_consumed():
+    """StaleSB's stale epochs skip the selection forward: the sampler counts their batches
+    as consumed (position, budget progress, the LR schedule) without observing them."""
+    sampler, loader, opt, sched, s = _with_sampler("sb", keep=0.5, stale=2)
+    observed = []
+    for epoch in sampler.epochs():
+        seen = sampler.state.seen.clone()
+        for xb, yb, idx in loader:
+            s.step(xb, yb, idx)
+        assert sampler.position == 100
+        observed.append(int((sampler.state.seen - seen).sum()))
+    assert observed == [100, 0, 100]   # epoch 1 is stale: consumed, not observed
+    assert s.summary()["stale_batches"] == 5
+    assert sampler.progress() == 1.0
+    assert opt.param_groups[0]["lr"] < 0.01
+    with pytest.raises(ValueError, match="1-D"):
+        sampler.skip(torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="int64 or int32"):
+        sampler.skip(torch.zeros(2))
 
 
 def test_backward_batch_uses_the_samplers_policy_weights():
@@ -606,10 +632,8 @@ def test_parameters_of_another_policy_are_refused():
         SelectiveStep(mlp(), "osgd", b=2.0)
 
 
-def test_stale_sb_with_a_sampler_and_missing_indices_are_refused():
+def test_missing_indices_with_a_sampler_are_refused():
     sampler = fastsel.Sampler(50, budget=1.0, epochs=1)
-    with pytest.raises(ValueError, match="stale"):
-        SelectiveStep(mlp(), "sb", stale=2, sampler=sampler)
     s = SelectiveStep(mlp(), "sb", sampler=sampler)
     x, y = data(n=8)
     with pytest.raises(ValueError, match="idx"):

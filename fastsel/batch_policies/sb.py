@@ -76,7 +76,8 @@ class SelectiveBackprop(BatchPolicy):
             (from its last selection or training forward) decides, and the selection
             forward is skipped. n = 1 is plain SB; n = 2 reuses the previous epoch's losses.
             A sample with no recorded loss yet is always kept. Needs ``num_samples`` (or a
-            sampler) on the ``SelectiveStep``.
+            sampler) on the ``SelectiveStep``. With a sampler, a stale epoch's batches are
+            counted as consumed (``Sampler.skip``) but not observed.
         leftover: what happens at an epoch boundary to kept samples that do not fill a
             backward batch: "carry" (default) keeps them pending into the next epoch, so
             every backward batch has the same size; "flush" trains them at once as one
@@ -125,11 +126,6 @@ class SelectiveBackprop(BatchPolicy):
     def attach(self, step: "SelectiveStep") -> None:
         self.key = rng.mix32_int((int(step.seed) * 0x9E3779B1 + 0x5B) & rng.MASK32)
         if self.stale is not None:
-            if step.sampler is not None:
-                raise ValueError(
-                    "stale Selective Backprop with a fastsel.Sampler is not supported yet: "
-                    "samples it skips never reach sampler.loss(), so the sampler's epoch "
-                    "position and budget progress would lag; use stale=None with a sampler")
             if step.num_samples is None:
                 raise ValueError("stale Selective Backprop needs num_samples= (N, to keep each "
                                  "sample's last loss) on SelectiveStep")
@@ -165,6 +161,7 @@ class SelectiveBackprop(BatchPolicy):
                idx: Optional[torch.Tensor]) -> torch.Tensor:
         if self.is_stale_epoch(step.epoch):
             losses, known = step.last_losses(idx)
+            step.skip_observation(idx)
             self.stale_batches += 1
             t0 = step.clock()
             keep = self.decide(losses, known)
