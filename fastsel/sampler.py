@@ -395,11 +395,14 @@ class Sampler(torch.utils.data.Sampler[int]):
         if not update:
             return weighted_loss(logits, labels, indices, self.state, cfg)
         out = self._get_backend(dev).step(logits, labels, indices, self.state, cfg, self.epoch)
-        b = int(logits.shape[0])
+        self._consumed(int(logits.shape[0]))
+        return out
+
+    def _consumed(self, b: int) -> None:
+        """A batch of b rows went through: the epoch position and the budget advance."""
         self.position += b
         self._trained += b
         self._loss_calls += 1
-        return out
 
     def skip(self, indices: torch.Tensor) -> None:
         """Count a batch as consumed without observing it, for a batch-level policy that
@@ -409,10 +412,7 @@ class Sampler(torch.utils.data.Sampler[int]):
             raise ValueError("indices must be a 1-D tensor of the batch's sample indices")
         if indices.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"indices must be int64 or int32, got {indices.dtype}")
-        b = int(indices.shape[0])
-        self.position += b
-        self._trained += b
-        self._loss_calls += 1
+        self._consumed(int(indices.shape[0]))
 
     # ---- observability ----------------------------------------------------------------
     def summary(self) -> Summary:

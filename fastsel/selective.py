@@ -385,11 +385,17 @@ class SelectiveStep:
 
     __call__ = step
 
-    def _take(self, n: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def _pooled(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The pending rows as one (inputs, labels, indices), kept as the only pending entry."""
         xs = torch.cat([p[0] for p in self._pend])
         ys = torch.cat([p[1] for p in self._pend])
         has_idx = all(p[2] is not None for p in self._pend)
         ids = torch.cat([p[2] for p in self._pend]) if has_idx else None  # type: ignore[misc]
+        self._pend = [(xs, ys, ids)]
+        return xs, ys, ids
+
+    def _take(self, n: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        xs, ys, ids = self._pooled()
         out = (xs[:n], ys[:n], None if ids is None else ids[:n])
         rest = xs.shape[0] - n
         self._pend = [(xs[n:], ys[n:], None if ids is None else ids[n:])] if rest > 0 else []
@@ -479,8 +485,7 @@ class SelectiveStep:
         accumulated towards the next step are the model's, not saved here."""
         pend = None
         if self._pending:
-            xs, ys, ids = self._take(self._pending)
-            self._pend, self._pending = [(xs, ys, ids)], int(xs.shape[0])
+            xs, ys, ids = self._pooled()
             pend = {"x": xs.detach().cpu().clone(), "y": ys.detach().cpu().clone(),
                     "idx": None if ids is None else ids.detach().cpu().clone()}
         return {"format": _FORMAT, "config": self.policy.config(), "own_epoch": self._own_epoch,
