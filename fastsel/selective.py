@@ -402,17 +402,22 @@ class SelectiveStep:
         self._pending = rest
         return out
 
+    def _train_pending(self) -> Optional[torch.Tensor]:
+        """Train the pending rows that every rank has (all of them without DDP) as one
+        batch; its loss, or None if there were none."""
+        rows = agree_min(self._pending)
+        if not rows:
+            return None
+        xb, yb, ib = self._take(rows)
+        return self._train(xb, yb, ib)[0]
+
     def flush(self) -> Optional[torch.Tensor]:
         """Train SB's pending rows now as one (smaller) backward batch; steps the optimizer
         if it owns one and gradients are pending. Returns the loss, or None if nothing was
         pending. Call it once at the end of training (on every rank under DDP, where it
         trains as many rows as every rank has)."""
-        loss = None
         t0 = time.perf_counter()
-        rows = agree_min(self._pending)
-        if rows:
-            xb, yb, ib = self._take(rows)
-            loss = self._train(xb, yb, ib)[0]
+        loss = self._train_pending()
         if self.optimizer is not None and self._micro:
             self._optimizer_step()
         self.times["total"] += time.perf_counter() - t0
@@ -432,12 +437,9 @@ class SelectiveStep:
         self.policy.end_epoch(self, acc)
         self.last_accuracy = acc
         if getattr(self.policy, "leftover", "carry") == "flush":
-            rows = agree_min(self._pending)
-            if rows:
-                t0 = time.perf_counter()
-                xb, yb, ib = self._take(rows)
-                self._train(xb, yb, ib)
-                self.times["total"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self._train_pending()
+            self.times["total"] += time.perf_counter() - t0
         self.counts["epochs_ended"] += 1
         if self.sampler is None:
             self._own_epoch += 1
