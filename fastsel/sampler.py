@@ -160,6 +160,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._clock: Optional[float] = None
         self._selection_time = 0.0
         self._epoch_counts: List[int] = []
+        self._epoch_losses: List[float] = []  # mean observed loss of each trained epoch
 
     # ---- budget ---------------------------------------------------------------------
     @property
@@ -319,6 +320,19 @@ class Sampler(torch.utils.data.Sampler[int]):
             return None
         return float(torch.where(seen, st.loss, torch.zeros_like(st.loss)).sum()) / n_seen
 
+    def _epoch_loss(self) -> Optional[float]:
+        """Mean loss observed since the last selection pass (all ranks once merged), or None."""
+        total, count = self.state.stats[[STAT_EPOCH_LOSS, STAT_EPOCH_COUNT]].tolist()
+        return total / count if count else None
+
+    def _close_epoch_loss(self) -> None:
+        """Record the finished epoch's mean observed loss and start the next one's sums."""
+        mean = self._epoch_loss()
+        if mean is not None:
+            self._epoch_losses.append(mean)
+        self.state.stats[STAT_EPOCH_LOSS] = 0.0
+        self.state.stats[STAT_EPOCH_COUNT] = 0.0
+
     def _draw_selection(self) -> None:
         """Merge the ranks' state, let the policy pick k samples, record them, shuffle."""
         st = self.state
@@ -357,8 +371,7 @@ class Sampler(torch.utils.data.Sampler[int]):
             order = backend.shuffle(chosen, key)
         else:
             order = torch.empty(0, dtype=torch.int64, device=st.device)
-        st.stats[STAT_EPOCH_LOSS] = 0.0
-        st.stats[STAT_EPOCH_COUNT] = 0.0
+        self._close_epoch_loss()
         if self._sync is not None:
             self._sync.stats0.copy_(st.stats)
         self._selection = order.to(torch.int64)
@@ -416,13 +429,16 @@ class Sampler(torch.utils.data.Sampler[int]):
 
     # ---- observability ----------------------------------------------------------------
     def summary(self) -> Summary:
-        """Selected fraction, samples seen/skipped, passes saved, selection time, entropy."""
+        """Selected fraction, samples seen/skipped, passes saved, selection time, entropy,
+        and the mean observed loss per epoch (the last entry is the current epoch so far;
+        under DDP that one is this rank's until the next selection pass merges them)."""
         st = self.state
         epochs_run = len(self._epoch_counts)
         # Full training: every sample in every epoch the recipe (or the time budget) ran.
         full = self.n * (epochs_run if self.time_mode else int(self.epochs_total))  # type: ignore[arg-type]
         passes = self._trained * self.world_size
         sel_counts = st.selected
+        current = self._epoch_loss()
         return Summary({
             "policy": self.policy.name,
             "backend": getattr(self._backend, "name", self.backend_name),
@@ -437,6 +453,7 @@ class Sampler(torch.utils.data.Sampler[int]):
             "selection_time_s": self._selection_time,
             "selection_entropy": selection_entropy(sel_counts),
             "nonfinite_losses": int(st.stats[STAT_NONFINITE]),
+            "epoch_mean_losses": self._epoch_losses + ([] if current is None else [current]),
             "elapsed_s": self.elapsed(),
         })
 
@@ -466,7 +483,8 @@ class Sampler(torch.utils.data.Sampler[int]):
             "counters": {"yielded": self._yielded, "trained": self._trained,
                          "loss_calls": self._loss_calls, "elapsed": self.elapsed(),
                          "selection_time": self._selection_time,
-                         "epoch_counts": list(self._epoch_counts)},
+                         "epoch_counts": list(self._epoch_counts),
+                         "epoch_losses": list(self._epoch_losses)},
         }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
@@ -502,3 +520,4 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._elapsed0, self._clock = float(c["elapsed"]), None
         self._selection_time = float(c["selection_time"])
         self._epoch_counts = list(c["epoch_counts"])
+        self._epoch_losses = list(c.get("epoch_losses", []))

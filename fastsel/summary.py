@@ -30,5 +30,7 @@ class Summary(dict):
                 v = f"{v:.4g}"
             elif isinstance(v, dict):
                 v = ", ".join(f"{a}={b:.4g}" for a, b in v.items())
+            elif isinstance(v, list):
+                v = ", ".join(f"{b:.4g}" if isinstance(b, float) else str(b) for b in v)
             lines.append(f"{k:<{width}}  {v}")
         return "\n".join(lines)

@@ -72,6 +72,9 @@ def test_two_ranks_share_state_and_selection_with_disjoint_equal_shards(tmp_path
     for k in r0["final"]:
         assert torch.equal(r0["final"][k], r1["final"][k]), k
     assert r0["summary"]["passes"] == 4 * 100
+    # the per-epoch mean losses are the merged ones: equal on both ranks, one per epoch
+    assert r0["summary"]["epoch_mean_losses"] == r1["summary"]["epoch_mean_losses"]
+    assert len(r0["summary"]["epoch_mean_losses"]) == 4
 
 
 @pytest.mark.parametrize("drop_last,per_rank", [(False, 51), (True, 50)])

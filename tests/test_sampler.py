@@ -274,6 +274,30 @@ def test_nonfinite_losses_are_reported_by_summary():
     assert s.summary()["nonfinite_losses"] == 1
 
 
+def test_summary_reports_each_epochs_mean_observed_loss():
+    """Uniform logits over C classes cost log C; a confident right answer about 0. The
+    epoch that is running reports its mean so far; finished epochs survive a resume."""
+    n, c = 40, 10
+    s = fastsel.Sampler(n, policy="uniform", budget=0.5, epochs=3, seed=0)
+    for e, scale in zip(s.epochs(), (0.0, 20.0)):
+        for chunk in torch.tensor(s.epoch_indices()).split(7):
+            labels = chunk % c
+            logits = scale * torch.nn.functional.one_hot(labels, c).float()
+            s.loss(logits, labels, chunk)
+        if e == 1:
+            break
+    losses = s.summary()["epoch_mean_losses"]
+    assert len(losses) == 2
+    assert math.isclose(losses[0], math.log(c), rel_tol=1e-6)
+    assert losses[1] < 1e-6
+    t = fastsel.Sampler(n, policy="uniform", budget=0.5, epochs=3, seed=0)
+    t.load_state_dict(s.state_dict())
+    assert t.summary()["epoch_mean_losses"][0] == losses[0]
+    s.set_epoch(2)
+    s.epoch_indices()   # the pass closes epoch 1: nothing running yet
+    assert s.summary()["epoch_mean_losses"] == losses
+
+
 def test_summary_counts_passes_entropy_and_selection_time():
     s, _ = run_stream("uniform", n=100, budget=0.3, epochs=4)
     r = s.summary()
