@@ -194,20 +194,23 @@ __global__ void gather_kernel(const I* chosen, const uint64_t* keys, int64_t m, 
 
 }  // namespace
 
-// cub's radix sort of m unique 64-bit keys, ascending; *result says which buffer (keys or
-// alt) holds them. With temp == nullptr it only sets temp_bytes.
-cudaError_t sort_keys(void* temp, size_t& temp_bytes, uint64_t* keys, uint64_t* alt, int64_t m,
-                      cudaStream_t stream, uint64_t** result) {
-  cub::DoubleBuffer<uint64_t> buf(keys, alt);
-  const cudaError_t e = cub::DeviceRadixSort::SortKeys(temp, temp_bytes, buf, m, 0, 64, stream);
-  if (result) *result = buf.Current();
-  return e;
-}
-
+// Temporary storage cub's radix sort of m 64-bit keys needs.
 int64_t sort_temp_bytes(int64_t m) {
   size_t bytes = 0;
-  sort_keys(nullptr, bytes, nullptr, nullptr, m, nullptr, nullptr);
+  cub::DoubleBuffer<uint64_t> none(nullptr, nullptr);
+  cub::DeviceRadixSort::SortKeys(nullptr, bytes, none, m, 0, 64);
   return static_cast<int64_t>(bytes);
+}
+
+// cub's radix sort of m unique 64-bit keys, ascending, with sort_temp_bytes(m) of `temp`;
+// *sorted is the buffer (keys or alt) that holds the result. nullptr on success.
+const char* sort_keys(void* temp, uint64_t* keys, uint64_t* alt, int64_t m, cudaStream_t stream,
+                      uint64_t** sorted) {
+  size_t bytes = static_cast<size_t>(sort_temp_bytes(m));
+  cub::DoubleBuffer<uint64_t> buf(keys, alt);
+  const cudaError_t e = cub::DeviceRadixSort::SortKeys(temp, bytes, buf, m, 0, 64, stream);
+  *sorted = buf.Current();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 int64_t select_work_bytes(int64_t n, int64_t k) {
@@ -247,9 +250,7 @@ const char* launch_select(const float* keys, int64_t n, int64_t k, int64_t* out,
   }
   compact_kernel<<<grid_for((n + kCompactItems - 1) / kCompactItems), kThreads, 0, stream>>>(u, n, st, packed);
   uint64_t* sorted = packed;
-  size_t temp_bytes = static_cast<size_t>(sort_temp_bytes(k));
-  const cudaError_t e = sort_keys(w, temp_bytes, packed, alt, k, stream, &sorted);
-  if (e != cudaSuccess) return cudaGetErrorString(e);
+  if (const char* err = sort_keys(w, packed, alt, k, stream, &sorted)) return err;
   low_bits_kernel<<<grid_for(k), kThreads, 0, stream>>>(sorted, k, out);
   return last_error();
 }
@@ -289,9 +290,7 @@ const char* launch_shuffle(const void* chosen, bool chosen64, int64_t m, int64_t
   else
     shuffle_keys_kernel<int32_t><<<grid_for(m), kThreads, 0, stream>>>(static_cast<const int32_t*>(chosen), m, base, keys);
   uint64_t* sorted = keys;
-  size_t temp_bytes = static_cast<size_t>(sort_temp_bytes(m));
-  const cudaError_t e = sort_keys(temp, temp_bytes, keys, alt, m, stream, &sorted);
-  if (e != cudaSuccess) return cudaGetErrorString(e);
+  if (const char* err = sort_keys(temp, keys, alt, m, stream, &sorted)) return err;
   if (chosen64)
     gather_kernel<int64_t><<<grid_for(m), kThreads, 0, stream>>>(static_cast<const int64_t*>(chosen), sorted, m,
                                                                  static_cast<int64_t*>(out));

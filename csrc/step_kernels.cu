@@ -22,7 +22,6 @@ constexpr int ERR_INDEX_COUNT = 0, ERR_INDEX_VALUE = 1, ERR_LABEL_COUNT = 2, ERR
 constexpr uint32_t F_ACTIVE = 1, F_FINITE = 2, F_BAD_INDEX = 4, F_BAD_LABEL = 8;
 constexpr int kRowWarps = 8;       // rows per block of the row kernel
 constexpr int kFinalThreads = 1024;
-constexpr int64_t kSharedSortKeys = 4096;  // 32 KB: under the default 48 KB of shared memory
 
 struct RowInfo {
   float loss;      // the state's loss
@@ -142,8 +141,7 @@ __global__ void row_kernel(StepArgs a, RowInfo* rows) {
   }
 }
 
-__global__ void __launch_bounds__(kFinalThreads)
-    finalize_kernel(StepArgs a, const RowInfo* rows, int64_t p, bool in_shared) {
+__global__ void __launch_bounds__(kFinalThreads) finalize_kernel(StepArgs a, const RowInfo* rows, int64_t p) {
   __shared__ double sd[32];
   __shared__ int64_t si[32];
   __shared__ bool refuse;
@@ -196,9 +194,7 @@ __global__ void __launch_bounds__(kFinalThreads)
   if (refuse) return;  // strict mode: the state stays as it was
 
   // 2. (sample, row) keys of the observed rows, sorted: duplicates become runs in row order.
-  // The bitonic sort runs in shared memory when the launch gave it room for p keys.
-  extern __shared__ uint64_t shared_keys[];
-  uint64_t* keys = in_shared ? shared_keys : a.sort_keys;
+  uint64_t* keys = a.sort_keys;
   for (int64_t q = tid; q < p; q += blockDim.x) {
     uint64_t key = ~0ull;
     if (q < b && (rows[q].flags & F_ACTIVE) && (rows[q].flags & F_FINITE))
@@ -299,9 +295,7 @@ const char* launch_step(const StepArgs& a, int device, void* stream_ptr) {
       default: return "fastsel: unsupported logits type";
     }
   }
-  const int64_t p = step_sort_len(a.b);
-  const bool in_shared = p <= kSharedSortKeys;
-  finalize_kernel<<<1, kFinalThreads, in_shared ? p * sizeof(uint64_t) : 0, stream>>>(a, rows, p, in_shared);
+  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(a, rows, step_sort_len(a.b));
   return last_error();
 }
 
