@@ -5,7 +5,7 @@ torch is needed at build time only for the extension; it is never declared as a 
 (a range would let pip fetch a CUDA build of several GB). Build with
 ``pip install --no-build-isolation .`` so the torch already installed is used.
 
-What gets built (``fastsel.backends()`` says at run time what loaded):
+What gets built (``fastsel.list_backends()`` says at run time what loaded):
 
 * ``csrc/*.cpp`` (except ``cuda_*.cpp``): the CPU extension, whenever torch is importable.
 * ``csrc/*.cu`` and ``csrc/cuda_*.cpp`` as well, only where a CUDA toolkit (``CUDA_HOME``)

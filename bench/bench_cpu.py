@@ -26,7 +26,7 @@ import time
 import pytest
 import torch
 
-from fastsel.backends import backends, get_backend
+from fastsel.backends import get_backend, list_backends
 from fastsel.config import LossConfig
 from fastsel.machine import cpu_name
 from fastsel.state import SampleState
@@ -44,8 +44,8 @@ _results = {}
 
 
 def _need(name):
-    if not backends()[name].startswith("available"):
-        pytest.skip(f"backend {name!r}: {backends()[name]}")
+    if not list_backends()[name].startswith("available"):
+        pytest.skip(f"backend {name!r}: {list_backends()[name]}")
 
 
 def _record(kind, case, name, benchmark):

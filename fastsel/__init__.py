@@ -9,7 +9,7 @@
             loss = sampler.loss(model(x), y, idx)
             ...
 """
-from .backends import backends
+from .backends import list_backends
 from .batch_policies import BATCH_POLICIES
 from .indexed import with_indices
 from .policies import POLICIES
@@ -19,7 +19,7 @@ from .selective import SelectiveStep
 
 __version__ = "0.1.0"
 
-__all__ = ["Sampler", "BudgetLR", "SelectiveStep", "with_indices", "backends", "POLICIES",
+__all__ = ["Sampler", "BudgetLR", "SelectiveStep", "with_indices", "list_backends", "POLICIES",
            "BATCH_POLICIES", "__version__"]
 
 

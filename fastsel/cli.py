@@ -148,8 +148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "backends":
-        from . import backends
-        for name, status in backends().items():
+        from .backends import list_backends
+        for name, status in list_backends().items():
             print(f"{name:<10} {status}")
         return 0
     if args.command == "run":

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-REDUCTIONS = ("mean", "sum", "none")
+from .layout import REDUCTIONS
 
 
 @dataclass

@@ -17,9 +17,8 @@ import torch
 
 from . import rng
 from .backends import check_backend_name, get_backend
-from .backends.reference import weighted_loss
-from .checks import check_step_args, raise_for_errors
-from .config import LossConfig
+from .checks import check_observe_args, check_step_args, raise_for_errors
+from .config import REDUCTIONS, LossConfig
 from .distributed import StateSync, world
 from .policies import Policy, SelectionContext, make_policy
 from .state import STAT_EPOCH_COUNT, STAT_EPOCH_LOSS, STAT_NONFINITE, SampleState
@@ -292,9 +291,12 @@ class Sampler(torch.utils.data.Sampler[int]):
 
     # ---- the selection pass -----------------------------------------------------------
     def _get_backend(self, device: torch.device) -> Any:
+        """The backend for ``device``; the state's tensors are checked once when it binds."""
         if self._backend is None or self._backend_device != device:
-            self._backend = get_backend(self.backend_name, device)
-            self._backend_device = device
+            backend = get_backend(self.backend_name, device)
+            if self.state.device == device:
+                backend.check_state(self.state)
+            self._backend, self._backend_device = backend, device
         return self._backend
 
     def _ensure_selection(self) -> None:
@@ -381,35 +383,76 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._epoch_counts.append(int(k))
 
     # ---- the loss call ----------------------------------------------------------------
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, *,
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor, *,
              reduction: Optional[str] = None, update: bool = True) -> torch.Tensor:
-        """Per-sample cross-entropy folded into the per-sample state; returns the loss to
-        backprop (policy weights applied, reduced as ``reduction`` says). No host sync.
+        """Cross-entropy as ``F.cross_entropy`` computes it, folded into the per-sample state;
+        returns the loss to backprop (policy weights applied). No host sync.
 
-        ``reduction`` overrides the sampler's for this call. ``update=False`` computes the
-        same loss without touching the state or the epoch position: for a second pass over
-        samples already observed (e.g. the backward batch of a batch-level policy).
+        ``logits`` [B, C] or [B, C, d1, ..., dk]; ``target`` class indices [B] or
+        [B, d1, ..., dk] (``ignore_index`` allowed), or class probabilities of the logits'
+        shape (mixup, CutMix). ``indices`` [B]: each row's sample. A sample's observation is
+        the mean loss of its non-ignored elements. ``reduction`` overrides the sampler's for
+        this call. ``update=False`` computes the same loss without touching the state or the
+        epoch position (e.g. for a second pass over samples already observed).
         """
-        dev = logits.device if isinstance(logits, torch.Tensor) else None
-        if dev is not None and self.cfg.class_weight is not None and self.cfg.class_weight.device != dev:
-            self.cfg.class_weight = self.cfg.class_weight.to(dev)
-        cfg = self.cfg if reduction is None else dataclasses.replace(self.cfg, reduction=reduction)
-        check_step_args(logits, labels, indices, cfg)
+        cfg = self._call_config(reduction)
+        check_step_args(logits, target, indices, cfg)
+        backend = self._follow(logits.device, cfg)
+        out = backend.step(logits, target, indices, self.state, cfg, self.epoch, update)
+        if update:
+            self._consumed(int(logits.shape[0]))
+        return out
+
+    def observe(self, losses: torch.Tensor, indices: torch.Tensor, *,
+                p_true: Optional[torch.Tensor] = None, reduction: Optional[str] = None,
+                update: bool = True) -> torch.Tensor:
+        """Per-sample losses of any loss function (focal, detection, contrastive, ...) folded
+        into the per-sample state as ``loss()`` folds its cross-entropy; returns their
+        policy-weighted reduction, with the gradient flowing into ``losses``. No host sync.
+
+        ``losses`` [B] (a floating dtype, with or without a graph); ``p_true`` [B], the
+        probability the model gave each sample's target (read by ``p-sgd``/``c-sgd``),
+        defaults to exp(-loss), exact for hard-label cross-entropy. ``reduction`` and
+        ``update`` as in ``loss()``; ``"mean"`` divides by the number of rows.
+        """
+        check_observe_args(losses, indices, p_true)
+        cfg = self._call_config(reduction)
+        backend = self._follow(losses.device, cfg)
+        out = backend.observe(losses, indices, self.state, cfg, self.epoch, p_true, update)
+        if update:
+            self._consumed(int(losses.shape[0]))
+        return out
+
+    def _call_config(self, reduction: Optional[str]) -> LossConfig:
+        """The loss settings of one call: the sampler's, with ``reduction`` overridden."""
+        if reduction is None or reduction == self.cfg.reduction:
+            return self.cfg
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got reduction={reduction!r}")
+        return dataclasses.replace(self.cfg, reduction=reduction)
+
+    def _follow(self, dev: torch.device, cfg: LossConfig) -> Any:
+        """Move the state (and class weights) to the device of the call once; the backend
+        for that device. Strict mode defaults to on on the CPU, off elsewhere."""
         if self.state.device != dev:
             if self._fixed_device is not None:
-                raise ValueError(f"logits are on {dev} but the sampler's state is on "
-                                 f"device={self._fixed_device}")
+                raise ValueError(f"the loss is on {dev} but the sampler's state is on "
+                                 f"device={self._fixed_device}: pass device= or move the model")
             self.state.to(dev)
             if self._sync is not None:
                 self._sync.to(dev)
             if self._selection is not None:
                 self._selection = self._selection.to(dev)
-        cfg.strict = (dev.type == "cpu") if self._strict is None else bool(self._strict)
-        if not update:
-            return weighted_loss(logits, labels, indices, self.state, cfg)
-        out = self._get_backend(dev).step(logits, labels, indices, self.state, cfg, self.epoch)
-        self._consumed(int(logits.shape[0]))
-        return out
+            self._backend = None
+        w = self.cfg.class_weight
+        if w is not None and w.device != dev:
+            self.cfg.class_weight = w.to(dev)
+            if cfg is not self.cfg:
+                cfg.class_weight = self.cfg.class_weight
+        strict = (dev.type == "cpu") if self._strict is None else bool(self._strict)
+        if cfg.strict != strict:
+            cfg.strict = strict
+        return self._get_backend(dev)
 
     def _consumed(self, b: int) -> None:
         """A batch of b rows went through: the epoch position and the budget advance."""

@@ -62,8 +62,8 @@ class SelectiveStep:
             Without one the loss is ``F.cross_entropy`` (or ``loss_fn``).
         batch_size: SB's backward batch size (default: the first input batch's size).
         num_samples: N, for StaleSB's per-sample last loss (default: the sampler's N).
-        loss_fn: without a sampler, ``loss_fn(logits, y)`` → per-sample losses [B]
-            (default cross-entropy with ``ignore_index``).
+        loss_fn: ``loss_fn(logits, y)`` → per-sample losses [B] (default cross-entropy
+            with ``ignore_index``); with a sampler they reach it through ``sampler.observe``.
         ignore_index: label to ignore (the sampler's, when there is one).
         topk: ``(values, k) → positions`` of the k largest (default: a stable sort, ties to
             the lower position); a GPU kernel can be plugged in here.
@@ -115,9 +115,6 @@ class SelectiveStep:
         if sampler is not None:
             if not isinstance(sampler, Sampler):
                 raise TypeError(f"sampler must be a fastsel.Sampler, got {type(sampler).__name__}")
-            if loss_fn is not None:
-                raise ValueError("loss_fn= cannot be used with a sampler: the sampler's loss() "
-                                 "is the loss")
             if num_samples is not None and num_samples != sampler.n:
                 raise ValueError(f"num_samples={num_samples} but the sampler has N={sampler.n}")
             num_samples = sampler.n
@@ -200,10 +197,15 @@ class SelectiveStep:
                                ignore_index=self.ignore_index)
 
     def observe(self, logits: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor]) -> None:
-        """Feed every row once to the sampler's state (``sampler.loss(update=True)``)."""
+        """Feed every row once to the sampler's state: ``sampler.loss(update=True)``, or with
+        ``loss_fn`` its per-sample losses through ``sampler.observe``."""
         if self.sampler is not None:
             with torch.no_grad():
-                self.sampler.loss(logits.detach(), y, idx, reduction="none")  # type: ignore[arg-type]
+                if self.loss_fn is not None:
+                    self.sampler.observe(self._per_sample(logits.detach(), y), idx,  # type: ignore[arg-type]
+                                         reduction="none")
+                else:
+                    self.sampler.loss(logits.detach(), y, idx, reduction="none")  # type: ignore[arg-type]
 
     def skip_observation(self, idx: Optional[torch.Tensor]) -> None:
         """A batch chosen on stale losses: the sampler (if any) counts it as consumed."""
@@ -278,9 +280,14 @@ class SelectiveStep:
             logits = self.model(x)
             if self.sampler is not None:
                 red = None if self.sampler.cfg.reduction != "none" else "mean"
-                loss = self.sampler.loss(logits, y, idx, reduction=red, update=False)  # type: ignore[arg-type]
-                per = F.cross_entropy(logits.detach().float(), y.to(torch.int64), reduction="none",
-                                      ignore_index=self.ignore_index)
+                if self.loss_fn is not None:
+                    per_g = self._per_sample(logits, y)
+                    loss = self.sampler.observe(per_g, idx, reduction=red, update=False)  # type: ignore[arg-type]
+                    per = per_g.detach().float()
+                else:
+                    loss = self.sampler.loss(logits, y, idx, reduction=red, update=False)  # type: ignore[arg-type]
+                    per = F.cross_entropy(logits.detach().float(), y.to(torch.int64), reduction="none",
+                                          ignore_index=self.ignore_index)
             else:
                 per_g = self._per_sample(logits, y)
                 if self.loss_fn is None:

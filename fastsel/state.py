@@ -10,20 +10,12 @@ from typing import Dict
 
 import torch
 
-#: Slots of the float64 ``stats`` vector. Counts are exact in float64 up to 2**53.
-STAT_NONFINITE = 0      # losses that were NaN/inf and so never entered the state
-STAT_EPOCH_LOSS = 1     # sum of finite per-sample losses since the last selection pass
-STAT_EPOCH_COUNT = 2    # number of those losses
-STAT_SIZE = 3
+from .layout import (ERR_INDEX_COUNT, ERR_INDEX_VALUE, ERR_LABEL_COUNT, ERR_LABEL_VALUE,  # noqa: F401
+                     ERR_SIZE, FIELDS, STAT_EPOCH_COUNT, STAT_EPOCH_LOSS, STAT_NONFINITE, STAT_SIZE)
 
-#: Slots of the int64 ``errors`` vector: counts of refused rows and one offending value.
-ERR_INDEX_COUNT = 0
-ERR_INDEX_VALUE = 1
-ERR_LABEL_COUNT = 2
-ERR_LABEL_VALUE = 3
-ERR_SIZE = 4
-
-_FIELDS = ("loss", "loss_var", "p_true", "seen", "last_epoch", "weight", "selected")
+_FIELDS = tuple(name for name, _ in FIELDS)
+_DTYPES = {name: getattr(torch, dtype) for name, dtype in FIELDS}
+_INITIAL = {"last_epoch": -1, "weight": 1}
 
 
 class SampleState:
@@ -43,13 +35,8 @@ class SampleState:
         self.n = int(n)
         d = torch.device(device)
         size = self.n + 1
-        self._loss = torch.zeros(size, dtype=torch.float32, device=d)
-        self._loss_var = torch.zeros(size, dtype=torch.float32, device=d)
-        self._p_true = torch.zeros(size, dtype=torch.float32, device=d)
-        self._seen = torch.zeros(size, dtype=torch.int32, device=d)
-        self._last_epoch = torch.full((size,), -1, dtype=torch.int32, device=d)
-        self._weight = torch.ones(size, dtype=torch.float32, device=d)
-        self._selected = torch.zeros(size, dtype=torch.int32, device=d)
+        for f in _FIELDS:
+            setattr(self, "_" + f, torch.full((size,), _INITIAL.get(f, 0), dtype=_DTYPES[f], device=d))
         self.stats = torch.zeros(STAT_SIZE, dtype=torch.float64, device=d)
         self.errors = torch.zeros(ERR_SIZE, dtype=torch.int64, device=d)
 

@@ -21,7 +21,7 @@ import torch
 
 try:
     from . import _C  # type: ignore[attr-defined]
-except Exception:  # not built: fastsel.backends() says why
+except Exception:  # not built: fastsel.list_backends() says why
     _C = None
 
 #: Largest N whose CPU selection pass runs on the calling thread: 2**18 covers CIFAR,

@@ -34,7 +34,7 @@ BACKEND_CASES = _cases()
 
 def pytest_report_header(config):
     import fastsel
-    return [f"fastsel backends: {fastsel.backends()}"]
+    return [f"fastsel backends: {fastsel.list_backends()}"]
 
 
 @pytest.fixture(params=BACKEND_CASES, ids=lambda c: c if c.device == "cpu" else f"{c}-{c.device}")

@@ -38,6 +38,70 @@ class OracleState:
             if not math.isfinite(loss):
                 continue
             groups.setdefault(i, []).append((loss, math.exp(-nll)))
+        self._fold(groups, epoch, ema)
+
+    def step_any(self, logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor, *,
+                 epoch: int, ema: float, ignore_index: int = -100, label_smoothing: float = 0.0) -> int:
+        """Any ``F.cross_entropy`` target: class indices [B, d1..dk] for logits [B, C, d1..dk],
+        or class probabilities of the logits' shape. A sample's observation is the mean over
+        its non-ignored elements. Returns how many samples had a non-finite observation."""
+        x = logits.double()
+        c = x.shape[1]
+        soft = target.is_floating_point()
+        groups: Dict[int, List[tuple]] = {}
+        nonfinite = 0
+        for r in range(x.shape[0]):
+            i = int(indices[r])
+            if not 0 <= i < self.n:
+                continue
+            xs = x[r].reshape(c, -1)
+            ts = target[r].double().reshape(c, -1) if soft else target[r].reshape(-1)
+            losses, probs = [], []
+            for e in range(xs.shape[1]):
+                logp = torch.log_softmax(xs[:, e], 0)
+                if soft:
+                    t = ts[:, e]
+                    tp = (1 - label_smoothing) * t + label_smoothing / c
+                    losses.append(-float((tp * logp).sum()))
+                    probs.append(float((t * logp.exp()).sum()))
+                else:
+                    y = int(ts[e])
+                    if y == ignore_index or not 0 <= y < c:
+                        continue
+                    nll = -float(logp[y])
+                    losses.append((1 - label_smoothing) * nll - label_smoothing * float(logp.mean()))
+                    probs.append(math.exp(-nll))
+            if not losses:
+                continue
+            lo, po = sum(losses) / len(losses), sum(probs) / len(probs)
+            if not (math.isfinite(lo) and math.isfinite(po)):
+                nonfinite += 1
+                continue
+            groups.setdefault(i, []).append((lo, po))
+        self._fold(groups, epoch, ema)
+        return nonfinite
+
+    def observe(self, losses: torch.Tensor, indices: torch.Tensor, *, epoch: int, ema: float,
+                p_true: Optional[torch.Tensor] = None) -> int:
+        """Per-sample losses of any loss; p_true defaults to exp(-loss). Returns how many rows
+        were not finite."""
+        groups: Dict[int, List[tuple]] = {}
+        nonfinite = 0
+        for r in range(losses.shape[0]):
+            i = int(indices[r])
+            if not 0 <= i < self.n:
+                continue
+            lo = float(losses[r])
+            po = math.exp(-lo) if p_true is None and math.isfinite(lo) else (
+                float(p_true[r]) if p_true is not None else float("nan"))
+            if not (math.isfinite(lo) and math.isfinite(po)):
+                nonfinite += 1
+                continue
+            groups.setdefault(i, []).append((lo, po))
+        self._fold(groups, epoch, ema)
+        return nonfinite
+
+    def _fold(self, groups: Dict[int, List[tuple]], epoch: int, ema: float) -> None:
         for i, obs in groups.items():
             lo = sum(o[0] for o in obs) / len(obs)
             po = sum(o[1] for o in obs) / len(obs)

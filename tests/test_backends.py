@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastsel import rng
 from fastsel.backends import get_backend
@@ -285,3 +286,207 @@ def test_noise_and_shuffle_are_bit_exact_with_reference(backend_name, gen):
     s = b.shuffle(chosen.to(d), 777).cpu()
     assert torch.equal(s, ref.shuffle(chosen, 777))
     assert sorted(s.tolist()) == sorted(chosen.tolist())
+
+
+# ---- every F.cross_entropy target: K-dim class indices and class probabilities -------------
+
+def _assert_state(state, oracle):
+    torch.testing.assert_close(state.loss.double(), torch.tensor(oracle.loss, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state.loss_var.double(), torch.tensor(oracle.var, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(state.p_true.double(), torch.tensor(oracle.p, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert state.seen.tolist() == oracle.seen
+    assert state.last_epoch.tolist() == oracle.last
+
+
+def _targets(gen, shape, soft, ignore=0.2):
+    """Class indices [B, d1..dk] (a share ignored) or class probabilities of ``shape``."""
+    if soft:
+        return torch.softmax(torch.randn(shape, generator=gen) * 2, dim=1)
+    t = torch.randint(0, shape[1], (shape[0],) + tuple(shape[2:]), generator=gen)
+    t[torch.rand(t.shape, generator=gen) < ignore] = -100
+    return t
+
+
+TARGET_CASES = [((5, 7, 3, 4), False), ((6, 3, 13), False), ((9, 11), True), ((4, 5, 3, 2), True)]
+
+
+@pytest.mark.parametrize("shape,soft", TARGET_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_any_target_matches_cross_entropy(backend_name, gen, shape, soft, reduction):
+    """K-dim class indices with ignore_index and class probabilities (mixup), with label
+    smoothing and class weights: loss and gradient equal F.cross_entropy's."""
+    n = 12
+    for smoothing, weighted in ((0.0, False), (0.1, True)):
+        logits = torch.randn(shape, generator=gen) * 3
+        target = _targets(gen, shape, soft)
+        indices = torch.randint(0, n, (shape[0],), generator=gen)
+        w = torch.rand(shape[1], generator=gen) + 0.5 if weighted else None
+        cfg = LossConfig(reduction=reduction, label_smoothing=smoothing, class_weight=w)
+        out, x = run_step(backend_name, logits, target.to(dev(backend_name)), indices, SampleState(n), cfg)
+        ref_x = logits.clone().requires_grad_(True)
+        ref = F.cross_entropy(ref_x, target, weight=w, reduction=reduction, label_smoothing=smoothing)
+        assert out.shape == ref.shape
+        close(out, ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn(ref.shape, generator=gen)
+        out.backward(g.to(out.device))
+        ref.backward(g)
+        close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,soft", TARGET_CASES)
+def test_any_target_state_matches_float64_oracle(backend_name, gen, shape, soft):
+    """Several steps with duplicates, ignored elements and NaN/inf elements: each sample's
+    observation is the mean over its non-ignored elements (soft: its p_true is sum t_c p_c)."""
+    n, ema = 9, 0.3
+    state, oracle = SampleState(n), OracleState(n)
+    nonfinite = 0
+    for step in range(5):
+        logits = torch.randn(shape, generator=gen) * 3
+        logits.view(shape[0], shape[1], -1)[1, 0, 0] = float("nan")
+        target = _targets(gen, shape, soft)
+        indices = torch.randint(0, n, (shape[0],), generator=gen)
+        cfg = LossConfig(label_smoothing=0.05, ema=ema)
+        run_step(backend_name, logits, target.to(dev(backend_name)), indices, state, cfg, epoch=step // 2)
+        nonfinite += oracle.step_any(logits, target, indices, epoch=step // 2, ema=ema, label_smoothing=0.05)
+    _assert_state(state, oracle)
+    assert int(state.stats[STAT_NONFINITE]) == nonfinite
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_any_target_low_precision_logits(backend_name, gen, dtype):
+    n, shape = 10, (4, 6, 5, 3)
+    for soft in (False, True):
+        logits = (torch.randn(shape, generator=gen) * 3).to(dtype)
+        target = _targets(gen, shape, soft)
+        indices = torch.arange(4)
+        out, x = run_step(backend_name, logits, target.to(dev(backend_name)), indices, SampleState(n), LossConfig())
+        ref_x = logits.clone().requires_grad_(True)
+        ref = F.cross_entropy(ref_x.float(), target)
+        close(out, ref, rtol=1e-5, atol=1e-6)
+        out.backward()
+        ref.backward()
+        assert x.grad.dtype == dtype
+        close(x.grad.float(), ref_x.grad.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_kdim_bad_values_strict_and_deferred(backend_name, gen):
+    """A bad label element is refused (strict, nothing written) or masked alone (deferred);
+    a bad index masks its whole sample."""
+    n, shape = 8, (4, 5, 3, 2)
+    logits = torch.randn(shape, generator=gen)
+    labels = torch.randint(0, 5, (4, 3, 2), generator=gen)
+    labels[2, 1, 1] = 9
+    state = SampleState(n)
+    with pytest.raises(IndexError, match="labels: 1 label"):
+        run_step(backend_name, logits, labels, torch.arange(4), state, LossConfig(strict=True))
+    assert int(state.seen.sum()) == 0 and int(state.errors.abs().sum()) == 0
+    run_step(backend_name, logits, labels, torch.tensor([0, 1, 2, n + 3]), state, LossConfig(strict=False))
+    assert state.seen.tolist()[:4] == [1, 1, 1, 0]
+    oracle = OracleState(n)
+    oracle.step_any(logits[:3], labels[:3], torch.arange(3), epoch=0, ema=0.3)
+    torch.testing.assert_close(state.loss[:3].double(), torch.tensor(oracle.loss[:3], dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    errs = state.take_errors().tolist()
+    assert errs == [1, n + 3, 1, 9]
+
+
+# ---- observe: any per-sample loss ---------------------------------------------------------
+
+def run_observe(name, losses, indices, state, cfg, epoch=0, p_true=None, update=True):
+    d = dev(name)
+    x = losses.to(d).clone().requires_grad_(True)
+    state.to(d)
+    try:
+        out = get_backend(name, d).observe(x, indices.to(d), state, cfg, epoch,
+                                           None if p_true is None else p_true.to(d), update)
+    finally:
+        state.to("cpu")
+    return out, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_observe_matches_float64_oracle(backend_name, gen, dtype, reduction):
+    """Duplicates, NaN/inf rows and low-precision losses: the state equals the oracle's; the
+    returned loss is the policy-weighted reduction and its gradient flows into the losses."""
+    n, ema = 13, 0.3
+    state, oracle = SampleState(n), OracleState(n)
+    state.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+    nonfinite = 0
+    for step in range(4):
+        losses = (torch.rand(11, generator=gen) * 4).to(dtype)
+        losses[2] = float("nan")
+        losses[5] = float("inf")
+        indices = torch.randint(0, n, (11,), generator=gen)
+        p = None if step % 2 else torch.rand(11, generator=gen)
+        out, x = run_observe(backend_name, losses, indices, state, LossConfig(reduction=reduction, ema=ema),
+                             epoch=step, p_true=p)
+        nonfinite += oracle.observe(losses.float(), indices, epoch=step, ema=ema, p_true=p)
+        ref_x = losses.clone().requires_grad_(True)
+        per = ref_x.float() * state.weight[indices]
+        ref = {"mean": per.sum() / len(per), "sum": per.sum(), "none": per}[reduction]
+        close(out, ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+        g = torch.randn(ref.shape, generator=gen)
+        out.backward(g.to(out.device))
+        ref.backward(g)
+        assert x.grad.dtype == dtype
+        close(x.grad, ref_x.grad, equal_nan=True)
+    _assert_state(state, oracle)
+    assert int(state.stats[STAT_NONFINITE]) == nonfinite == 8
+
+
+def test_observe_of_cross_entropy_equals_the_fused_step(backend_name, gen):
+    """observe(F.cross_entropy(..., reduction="none"), idx) leaves exactly the state the
+    fused step leaves, and returns the same loss and gradient."""
+    n, c = 30, 10
+    s1, s2 = SampleState(n), SampleState(n)
+    s1.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+    s2.weight.copy_(s1.weight)
+    for step in range(3):
+        logits, labels, indices = make_batch(gen, 40, c, n)
+        out1, x1 = run_step(backend_name, logits, labels, indices, s1, LossConfig(), epoch=step)
+        x2 = logits.clone().to(dev(backend_name)).requires_grad_(True)
+        s2.to(dev(backend_name))
+        try:
+            out2 = get_backend(backend_name, dev(backend_name)).observe(
+                F.cross_entropy(x2, labels.to(x2.device), reduction="none"), indices.to(x2.device),
+                s2, LossConfig(), step)
+        finally:
+            s2.to("cpu")
+        close(out1, out2, rtol=1e-6, atol=1e-7)
+        out1.backward()
+        out2.backward()
+        close(x1.grad, x2.grad, rtol=1e-5, atol=1e-7)
+    for f in ("loss", "loss_var", "p_true"):
+        torch.testing.assert_close(getattr(s1, f), getattr(s2, f), rtol=1e-6, atol=1e-7)
+    assert torch.equal(s1.seen, s2.seen) and torch.equal(s1.last_epoch, s2.last_epoch)
+
+
+def test_observe_bad_index_strict_refused_deferred_masked(backend_name, gen):
+    n = 10
+    state = SampleState(n)
+    losses = torch.rand(6, generator=gen)
+    bad = torch.tensor([0, 1, 2, n, 4, 5])
+    with pytest.raises(IndexError, match=f"indices: 1 sample index.*e.g. {n}"):
+        run_observe(backend_name, losses, bad, state, LossConfig(strict=True))
+    assert int(state.seen.sum()) == 0 and int(state.errors.abs().sum()) == 0
+    out, _ = run_observe(backend_name, losses, bad, state, LossConfig(strict=False, reduction="sum"))
+    close(out, losses[[0, 1, 2, 4, 5]].sum())
+    assert int(state.seen.sum()) == 5
+    assert state.take_errors().tolist() == [1, n, 0, 0]
+
+
+def test_update_false_changes_no_state(backend_name, gen):
+    n, c = 20, 6
+    state = SampleState(n)
+    logits, labels, indices = make_batch(gen, 12, c, n)
+    before = _snapshot(state)
+    d = dev(backend_name)
+    state.to(d)
+    try:
+        b = get_backend(backend_name, d)
+        out = b.step(logits.to(d), labels.to(d), indices.to(d), state, LossConfig(), 0, False)
+        b.observe(torch.rand(12).to(d), indices.to(d), state, LossConfig(), 0, None, False)
+    finally:
+        state.to("cpu")
+    _assert_same(before, _snapshot(state))
+    close(out, expected_loss(logits, labels, "mean"), rtol=1e-5, atol=1e-6)

@@ -415,7 +415,7 @@ def test_import_needs_neither_triton_nor_the_extension():
     import sys
     code = ("import sys; sys.modules['triton'] = None; sys.modules['fastsel._C'] = None\n"
             "import torch, fastsel\n"
-            "info = fastsel.backends()\n"
+            "info = fastsel.list_backends()\n"
             "assert info['reference'].startswith('available'), info\n"
             "assert not info['triton'].startswith('available') and not info['cpu'].startswith('available'), info\n"
             "s = fastsel.Sampler(10, budget=0.5, epochs=1)\n"
@@ -428,7 +428,7 @@ def test_import_needs_neither_triton_nor_the_extension():
 
 
 def test_state_follows_the_logits_device_and_backends_report():
-    info = fastsel.backends()
+    info = fastsel.list_backends()
     assert info["reference"].startswith("available")
     assert all(isinstance(v, str) and v for v in info.values())
     s = fastsel.Sampler(10, budget=1.0, epochs=1, backend="reference")

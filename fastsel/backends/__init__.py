@@ -1,10 +1,12 @@
-"""The one dispatch point for backends: ``get_backend(name, device)`` and ``backends()``.
+"""The one dispatch point for backends: ``get_backend(name, device)`` and ``list_backends()``.
 
-A backend provides ``name``, ``devices`` (device types it runs on), optionally
-``auto_devices`` (where ``"auto"`` may pick it) and ``unavailable()`` (a one-line reason, or
-None), and four operations, all checked against ``reference``:
+Every backend is a :class:`fastsel.backends.base.Backend`: a choice of implementation of
+the op family ``torch.ops.fastsel.*`` (``fastsel.ops``), with ``name``, ``devices``,
+``auto_devices`` (where ``"auto"`` may pick it), ``unavailable()`` (a one-line reason, or
+None) and five operations, all checked against ``reference`` by the shared suite:
 
-* ``step(logits, labels, indices, state, cfg, epoch)``: the fused loss + state update,
+* ``step(logits, target, indices, state, cfg, epoch, update)``: the fused loss + state update,
+* ``observe(losses, indices, state, cfg, epoch, probs, update)``: any per-sample loss,
 * ``select(keys, k)``: indices of the k largest keys, ties by lower index, NaN last,
 * ``uniform(idx, key, stream)``: the counter-based uniforms of ``fastsel.rng``, bit-exact,
 * ``shuffle(chosen, key)``: ``chosen`` reordered by its ``STREAM_SHUFFLE`` uniforms.
@@ -16,6 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .base import Backend
 from .reference import ReferenceBackend
 
 # name -> (module, class). Listed fastest first for "auto". Each backend instance says
@@ -27,11 +30,11 @@ _KNOWN: Dict[str, Tuple[str, str]] = {
     "reference": ("fastsel.backends.reference", "ReferenceBackend"),
 }
 
-_cache: Dict[str, object] = {}
+_cache: Dict[str, Backend] = {}
 _why: Dict[str, str] = {}
 
 
-def _load(name: str) -> Optional[object]:
+def _load(name: str) -> Optional[Backend]:
     if name in _cache:
         return _cache[name]
     if name in _why:
@@ -57,7 +60,7 @@ def _load(name: str) -> Optional[object]:
     return backend
 
 
-def backends() -> Dict[str, str]:
+def list_backends() -> Dict[str, str]:
     """Every backend by name: "available (devices: ...)" or the one-line reason it is not."""
     out = {}
     for name in _KNOWN:
@@ -82,13 +85,13 @@ def check_backend_name(name: str) -> None:
         raise ValueError(f"backend must be 'auto' or one of {sorted(_KNOWN)}, got backend={name!r}")
 
 
-def get_backend(name: str, device: torch.device | str) -> object:
+def get_backend(name: str, device: torch.device | str) -> Backend:
     """The backend called ``name`` for ``device``; ``"auto"`` picks the fastest that runs there."""
     dev = torch.device(device).type
     if name == "auto":
         names = available(dev, auto=True)
         if not names:
-            raise RuntimeError(f"no backend runs on device {dev!r}: {backends()}")
+            raise RuntimeError(f"no backend runs on device {dev!r}: {list_backends()}")
         return _cache[names[0]]
     check_backend_name(name)
     b = _load(name)
@@ -99,4 +102,5 @@ def get_backend(name: str, device: torch.device | str) -> object:
     return b
 
 
-__all__ = ["available", "backends", "check_backend_name", "get_backend", "ReferenceBackend"]
+__all__ = ["available", "list_backends", "check_backend_name", "get_backend", "Backend",
+           "ReferenceBackend"]

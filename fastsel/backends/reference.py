@@ -1,75 +1,24 @@
-"""The reference backend: pure, vectorised PyTorch. The oracle every other backend meets.
+"""The reference implementation of the op family: pure, vectorised PyTorch, any device.
 
-No Python loop over samples or rows, no host synchronisation in ``step`` unless strict
-mode asks for an immediate range check.
+It is the oracle every other implementation meets, and it runs the target forms and ops an
+implementation has no kernel for. No Python loop over samples or rows, no host
+synchronisation unless strict mode asks for an immediate range check. The semantics of
+every op are in ``fastsel.ops`` and in README's "The loss call".
 """
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .. import rng
-from ..config import LossConfig
-from ..state import (ERR_INDEX_COUNT, ERR_INDEX_VALUE, ERR_LABEL_COUNT, ERR_LABEL_VALUE,
-                     STAT_EPOCH_COUNT, STAT_EPOCH_LOSS, STAT_NONFINITE, SampleState)
+from .. import layout, ops, rng
 from ..checks import raise_for_errors
+from .base import Backend
 
-
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (loss for the state, weighted loss for the reduction, class weight, p_true).
-
-    The state's loss is the cross-entropy with label smoothing and without class weights;
-    the weighted loss and its class weight follow ``F.cross_entropy`` exactly. Labels must
-    already be in range (masked rows carry label 0).
-    """
-    logp = F.log_softmax(logits.float(), dim=1)
-    nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)
-    p_true = torch.exp(-nll.detach())
-    eps = float(cfg.label_smoothing)
-    w = cfg.class_weight
-    if w is None:
-        loss = nll if eps == 0.0 else (1.0 - eps) * nll - eps * logp.mean(dim=1)
-        return loss, loss, torch.ones_like(nll), p_true
-    wf = w.float()
-    w_y = wf[labels]
-    loss = nll if eps == 0.0 else (1.0 - eps) * nll - eps * logp.mean(dim=1)
-    weighted = w_y * nll
-    if eps != 0.0:
-        weighted = (1.0 - eps) * weighted - eps * (logp * wf).sum(dim=1) / logp.shape[1]
-    return loss, weighted, w_y, p_true
-
-
-def row_masks(labels: torch.Tensor, indices: torch.Tensor, n: int, num_classes: int,
-              ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows that take part, rows with a bad index, rows with a bad label)."""
-    bad_index = (indices < 0) | (indices >= n)
-    not_ignored = labels != ignore_index
-    bad_label = not_ignored & ((labels < 0) | (labels >= num_classes))
-    active = not_ignored & ~bad_label & ~bad_index
-    return active, bad_index, bad_label
-
-
-def first_flagged(values: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-    """The value at the first flagged row, as a 0-d int64 tensor (no host sync: indexing
-    with a 0-d tensor would call ``.item()``)."""
-    if values.numel() == 0:
-        return torch.zeros((), dtype=torch.int64, device=values.device)
-    pos = torch.argmax(bad.to(torch.int8)).reshape(1)
-    return values.to(torch.int64).index_select(0, pos).reshape(())
-
-
-def record_errors(state: SampleState, values: torch.Tensor, bad: torch.Tensor,
-                  count_slot: int, value_slot: int) -> None:
-    """Count bad rows and keep one offending value, on the device, without a sync."""
-    cnt = bad.sum()
-    first = first_flagged(values, bad)
-    had_none = state.errors[count_slot] == 0
-    state.errors[value_slot] = torch.where(had_none & (cnt > 0), first, state.errors[value_slot])
-    state.errors[count_slot] += cnt
-
+#: The per-sample state as the ops take it: the STEP_FIELDS buffers, weight, stats, errors.
+StateTensors = Tuple[torch.Tensor, ...]
 
 def merge_duplicates(idx: torch.Tensor, obs: torch.Tensor, n: int, values: Tuple[torch.Tensor, ...]
                      ) -> Tuple[torch.Tensor, torch.Tensor, Tuple[torch.Tensor, ...]]:
@@ -99,124 +48,240 @@ def merge_duplicates(idx: torch.Tensor, obs: torch.Tensor, n: int, values: Tuple
     return target, count, sums
 
 
-def update_state(state: SampleState, indices: torch.Tensor, loss: torch.Tensor,
+
+
+def first_flagged(values: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """The value at the first flagged entry, as a 0-d int64 tensor (no host sync: indexing
+    with a 0-d tensor would call ``.item()``)."""
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.int64, device=values.device)
+    pos = torch.argmax(bad.to(torch.int8)).reshape(1)
+    return values.to(torch.int64).index_select(0, pos).reshape(())
+
+
+def check_or_record(errors: torch.Tensor, n: int, c: Optional[int], indices: torch.Tensor,
+                    bad_index: torch.Tensor, labels: Optional[torch.Tensor],
+                    bad_label: Optional[torch.Tensor], strict: bool) -> None:
+    """Strict: raise ``raise_for_errors``'s IndexError if any row is bad (nothing written).
+    Otherwise count the bad rows and keep the first offending value of each kind, on the
+    device, without a sync."""
+    if labels is None:
+        labels, bad_label = indices, torch.zeros_like(bad_index)
+    found = torch.stack([bad_index.sum(), first_flagged(indices, bad_index),
+                         bad_label.sum(), first_flagged(labels, bad_label)])
+    if strict:
+        if bool((found[layout.ERR_INDEX_COUNT] + found[layout.ERR_LABEL_COUNT]) > 0):
+            raise_for_errors(found.cpu(), n, c)
+        return
+    for cnt, val in ((layout.ERR_INDEX_COUNT, layout.ERR_INDEX_VALUE),
+                     (layout.ERR_LABEL_COUNT, layout.ERR_LABEL_VALUE)):
+        had_none = errors[cnt] == 0
+        errors[val] = torch.where(had_none & (found[cnt] > 0), found[val], errors[val])
+        errors[cnt] += found[cnt]
+
+
+def update_state(state: StateTensors, indices: torch.Tensor, loss: torch.Tensor,
                  p_true: torch.Tensor, obs: torch.Tensor, epoch: int, ema: float) -> None:
-    """Fold one batch of observations into the per-sample state.
+    """Fold one batch of per-row observations into the state (rows with ``obs`` false and
+    rows targeting the scratch slot are left out).
 
     Duplicates of a sample in one batch are one observation of their mean loss and mean
     p_true (the same weights saw them all); ``seen`` counts every occurrence.
     """
-    target, count, (sum_l, sum_p) = merge_duplicates(indices, obs, state.n, (loss, p_true))
+    s_loss, s_var, s_p, s_seen, s_last, _, stats, _ = state
+    n = s_loss.shape[0] - 1
+    target, count, (sum_l, sum_p) = merge_duplicates(indices, obs, n, (loss, p_true))
     safe = torch.clamp(count, min=1.0)
     obs_l = (sum_l / safe).to(torch.float32)
     obs_p = (sum_p / safe).to(torch.float32)
-    buf = state.buffers()
-    m_old = buf["loss"][target]
-    v_old = buf["loss_var"][target]
-    p_old = buf["p_true"][target]
-    s_old = buf["seen"][target]
+    m_old, v_old, p_old, s_old = s_loss[target], s_var[target], s_p[target], s_seen[target]
     first = s_old == 0
     a = float(ema)
     delta = obs_l - m_old
     m_new = torch.where(first, obs_l, m_old + a * delta)
     v_new = torch.where(first, torch.zeros_like(v_old), (1.0 - a) * (v_old + a * delta * delta))
-    cnt32 = count.to(torch.int32)
-    s_new = s_old + cnt32
+    s_new = s_old + count.to(torch.int32)
     p_new = p_old + (obs_p - p_old) * (count / torch.clamp(s_new.double(), min=1.0)).float()
-    buf["loss"].index_copy_(0, target, m_new)
-    buf["loss_var"].index_copy_(0, target, v_new)
-    buf["p_true"].index_copy_(0, target, p_new)
-    buf["seen"].index_copy_(0, target, s_new)
-    buf["last_epoch"].index_fill_(0, target, int(epoch))
+    s_loss.index_copy_(0, target, m_new)
+    s_var.index_copy_(0, target, v_new)
+    s_p.index_copy_(0, target, p_new)
+    s_seen.index_copy_(0, target, s_new)
+    s_last.index_fill_(0, target, int(epoch))
     # The scratch slot absorbed the padding groups; keep it neutral.
-    for f, v in (("loss", 0.0), ("loss_var", 0.0), ("p_true", 0.0), ("seen", 0), ("last_epoch", -1)):
-        buf[f][state.n] = v
-    state.stats[STAT_EPOCH_LOSS] += sum_l.sum()
-    state.stats[STAT_EPOCH_COUNT] += count.sum()
+    for buf, v in ((s_loss, 0.0), (s_var, 0.0), (s_p, 0.0), (s_seen, 0), (s_last, -1)):
+        buf[n] = v
+    stats[layout.STAT_EPOCH_LOSS] += sum_l.sum()
+    stats[layout.STAT_EPOCH_COUNT] += count.sum()
 
 
-def _reduce(per_row: torch.Tensor, active: torch.Tensor, w_y: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    if reduction == "sum":
-        return total
-    return total / torch.where(active, w_y, torch.zeros_like(w_y)).sum()
+def observe_rows(state: StateTensors, safe_idx: torch.Tensor, loss: torch.Tensor,
+                 p_true: torch.Tensor, active: torch.Tensor, epoch: int, ema: float) -> None:
+    """Active rows with a finite loss and p_true enter the state; the others are counted."""
+    finite = torch.isfinite(loss) & torch.isfinite(p_true)
+    state[6][layout.STAT_NONFINITE] += (active & ~finite).sum()
+    update_state(state, safe_idx, loss, p_true, active & finite, epoch, ema)
 
 
-def _check_or_record(state: SampleState, labels: torch.Tensor, indices: torch.Tensor,
-                     bad_index: torch.Tensor, bad_label: torch.Tensor, strict: bool, c: int) -> None:
-    if strict:
-        errs = torch.stack([bad_index.sum(), first_flagged(indices, bad_index),
-                            bad_label.sum(), first_flagged(labels, bad_label)])
-        if bool((errs[0] + errs[2]) > 0):
-            raise_for_errors(errs.cpu(), state.n, c)
+def _smoothed_targets(logp: torch.Tensor, labels: Optional[torch.Tensor],
+                      probs: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """t' = (1 - eps) t + eps / C per element, t the one-hot label or the given probabilities."""
+    c = logp.shape[1]
+    if probs is not None:
+        return (1.0 - eps) * probs + eps / c
+    t = torch.full_like(logp, eps / c)
+    return t.scatter_add_(1, labels.unsqueeze(1), torch.full_like(logp[:, :1], 1.0 - eps))
+
+
+def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
+            s_loss: torch.Tensor, s_var: torch.Tensor, s_p: torch.Tensor, s_seen: torch.Tensor,
+            s_last: torch.Tensor, s_weight: torch.Tensor, stats: torch.Tensor, errors: torch.Tensor,
+            class_weight: Optional[torch.Tensor], ignore_index: int, label_smoothing: float,
+            ema: float, reduction: int, strict: bool, epoch: int, update: bool, need_grad: bool
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fastsel::ce_step_reference``: cross-entropy as ``F.cross_entropy`` over any target,
+    policy weights applied, the analytic gradient, and each sample's observation."""
+    state = (s_loss, s_var, s_p, s_seen, s_last, s_weight, stats, errors)
+    n = s_loss.shape[0] - 1
+    b, c = logits.shape[0], logits.shape[1]
+    d = math.prod(logits.shape[2:])
+    dev = logits.device
+    soft = target.is_floating_point()
+    # One row of C logits per element (b, position): [B * D, C].
+    x = logits.float()
+    rows = x.movedim(1, -1).reshape(-1, c) if logits.dim() > 2 else x
+    bad_index = (indices < 0) | (indices >= n)
+    bad_index_e = bad_index.repeat_interleave(d)
+    if soft:
+        probs = target.float()
+        probs = probs.movedim(1, -1).reshape(-1, c) if logits.dim() > 2 else probs
+        labels = bad_label = None
+        active = ~bad_index_e
     else:
-        record_errors(state, indices, bad_index, ERR_INDEX_COUNT, ERR_INDEX_VALUE)
-        record_errors(state, labels, bad_label, ERR_LABEL_COUNT, ERR_LABEL_VALUE)
+        probs = None
+        labels = target.reshape(-1)
+        not_ignored = labels != ignore_index
+        bad_label = not_ignored & ((labels < 0) | (labels >= c))
+        active = not_ignored & ~bad_label & ~bad_index_e
+    check_or_record(errors, n, None if soft else c, indices, bad_index, labels, bad_label, strict)
+    safe_idx = torch.where(bad_index, torch.full_like(indices, n), indices).to(torch.int64)
+    pw = s_weight[safe_idx].repeat_interleave(d)
+    logp = F.log_softmax(rows, dim=1)
+    eps = float(label_smoothing)
+    w = None if class_weight is None else class_weight.float()
+    if soft:
+        tp = _smoothed_targets(logp, None, probs, eps)
+        loss = -(tp * logp).sum(dim=1)
+        weighted = loss if w is None else -(w * tp * logp).sum(dim=1)
+        p_true = (probs * logp.exp()).sum(dim=1)
+        den = torch.ones_like(loss)
+    else:
+        y = torch.where(active, labels, torch.zeros_like(labels)).to(torch.int64)
+        nll = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
+        loss = nll if eps == 0.0 else (1.0 - eps) * nll - eps * logp.mean(dim=1)
+        if w is None:
+            weighted, den = loss, torch.ones_like(loss)
+        else:
+            den = w[y]
+            weighted = den * nll
+            if eps != 0.0:
+                weighted = (1.0 - eps) * weighted - eps * (logp * w).sum(dim=1) / c
+        p_true = torch.exp(-nll)
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    per_elem = torch.where(active, pw * weighted, zero)
+    scale = torch.ones((), dtype=torch.float32, device=dev)
+    if reduction == layout.REDUCTION_NONE:
+        out = per_elem.reshape((b,) + tuple(logits.shape[2:]))
+    elif reduction == layout.REDUCTION_SUM:
+        out = per_elem.sum()
+    else:
+        denom = torch.where(active, den, zero).sum()
+        out = per_elem.sum() / denom
+        scale = 1.0 / denom
+    if need_grad:
+        tp = _smoothed_targets(logp, None if soft else y, probs, eps)
+        wt = tp if w is None else tp * w
+        s = torch.where(active, pw, zero) * scale
+        g = s.unsqueeze(1) * (wt.sum(dim=1, keepdim=True) * logp.exp() - wt)
+        if logits.dim() > 2:
+            g = g.reshape((b,) + tuple(logits.shape[2:]) + (c,)).movedim(-1, 1)
+        grad = g.to(logits.dtype).contiguous()
+    else:
+        grad = logits.new_empty((0,))
+    if update:
+        if d == 1:
+            obs_l, obs_p, obs = loss, p_true, active
+        else:  # a sample's observation: the mean over its active elements, summed in float64
+            act = active.view(b, d)
+            cnt = act.sum(dim=1)
+            zero64 = torch.zeros((), dtype=torch.float64, device=dev)
+            per = cnt.clamp(min=1).double()
+            obs_l = (torch.where(act, loss.view(b, d).double(), zero64).sum(1) / per).float()
+            obs_p = (torch.where(act, p_true.view(b, d).double(), zero64).sum(1) / per).float()
+            obs = cnt > 0
+        observe_rows(state, safe_idx, obs_l, obs_p, obs, epoch, ema)
+    return out, grad, torch.ones((), dtype=torch.float32, device=dev)
 
 
-def _prepare(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-             state: SampleState, cfg: LossConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Refuse or record bad rows; return (active rows, safe labels, safe indices) where a
-    masked row has label 0 and targets the scratch slot."""
-    n, c = state.n, logits.shape[1]
-    active, bad_index, bad_label = row_masks(labels, indices, n, c, cfg.ignore_index)
-    _check_or_record(state, labels, indices, bad_index, bad_label, cfg.strict, c)
-    safe_labels = torch.where(active, labels, torch.zeros_like(labels)).to(torch.int64)
+def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.Tensor,
+            s_loss: torch.Tensor, s_var: torch.Tensor, s_p: torch.Tensor, s_seen: torch.Tensor,
+            s_last: torch.Tensor, s_weight: torch.Tensor, stats: torch.Tensor, errors: torch.Tensor,
+            ema: float, reduction: int, strict: bool, epoch: int, update: bool
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``fastsel::observe_reference``: per-sample losses of any loss into the state; returns
+    the policy-weighted reduction and its derivative per row."""
+    state = (s_loss, s_var, s_p, s_seen, s_last, s_weight, stats, errors)
+    n = s_loss.shape[0] - 1
+    bad_index = (indices < 0) | (indices >= n)
+    check_or_record(errors, n, None, indices, bad_index, None, None, strict)
+    active = ~bad_index
     safe_idx = torch.where(active, indices, torch.full_like(indices, n)).to(torch.int64)
-    return active, safe_labels, safe_idx
+    loss = losses.float()
+    p_true = torch.exp(-loss) if probs is None else probs.float()
+    zero = torch.zeros((), dtype=torch.float32, device=losses.device)
+    row_scale = torch.where(active, s_weight[safe_idx], zero)
+    if reduction == layout.REDUCTION_MEAN:
+        row_scale = row_scale / active.sum().float()
+    per_row = torch.where(active, row_scale * loss, zero)
+    out = per_row if reduction == layout.REDUCTION_NONE else per_row.sum()
+    if update:
+        observe_rows(state, safe_idx, loss, p_true, active, epoch, ema)
+    return out, row_scale
 
 
-def _weighted_rows(weighted: torch.Tensor, active: torch.Tensor, safe_idx: torch.Tensor,
-                   state: SampleState) -> torch.Tensor:
-    """Each active row's loss times its policy weight; 0 for masked rows."""
-    zero = torch.zeros((), dtype=torch.float32, device=weighted.device)
-    return torch.where(active, state.buffers()["weight"][safe_idx] * weighted, zero)
+def select(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest keys, in rank order: +inf > finite > -inf > NaN, and equal
+    keys (-0 == +0) go to the lower index."""
+    keys = keys.float()
+    nan = torch.isnan(keys)
+    order = torch.sort(torch.where(nan, torch.full_like(keys, float("-inf")), keys),
+                       descending=True, stable=True).indices
+    # A second stable sort moves NaN behind -inf and keeps every other order.
+    order = order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]
+    return order[:k].clone()
 
 
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                  state: SampleState, cfg: LossConfig) -> torch.Tensor:
-    """The step's returned loss (policy weights applied) without touching the per-sample
-    state; bad values are refused or recorded as in ``step``."""
-    active, safe_labels, safe_idx = _prepare(logits, labels, indices, state, cfg)
-    _, weighted, w_y, _ = per_sample_loss(logits, safe_labels, cfg)
-    return _reduce(_weighted_rows(weighted, active, safe_idx, state), active, w_y, cfg.reduction)
+def uniform(idx: torch.Tensor, key: int, stream: int) -> torch.Tensor:
+    return rng.uniform(idx, key, stream)
 
 
-class ReferenceBackend:
-    """Pure-PyTorch fused step and selection; runs on any device torch supports."""
+def shuffle(chosen: torch.Tensor, key: int) -> torch.Tensor:
+    """A counter-based permutation of ``chosen``: the same on every device and rank."""
+    u = rng.uniform(chosen, key, rng.STREAM_SHUFFLE)
+    return chosen[torch.sort(u, stable=True).indices]
+
+
+ops.register_python("reference", {"ce_step": ce_step, "observe": observe, "select": select,
+                                  "uniform": uniform, "shuffle": shuffle}, None)
+
+
+class ReferenceBackend(Backend):
+    """Pure-PyTorch ops; runs on any device torch supports."""
 
     name = "reference"
+    impl = "reference"
     devices = ("cpu", "cuda", "mps", "xpu")
+    auto_devices = devices
+    observe_devices = devices
 
-    def step(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-             state: SampleState, cfg: LossConfig, epoch: int) -> torch.Tensor:
-        active, safe_labels, safe_idx = _prepare(logits, labels, indices, state, cfg)
-        loss, weighted, w_y, p_true = per_sample_loss(logits, safe_labels, cfg)
-        per_row = _weighted_rows(weighted, active, safe_idx, state)
-        with torch.no_grad():
-            det = loss.detach()
-            finite = torch.isfinite(det)
-            state.stats[STAT_NONFINITE] += (active & ~finite).sum()
-            update_state(state, safe_idx, det, p_true, active & finite, epoch, cfg.ema)
-        return _reduce(per_row, active, w_y, cfg.reduction)
-
-    def uniform(self, idx: torch.Tensor, key: int, stream: int) -> torch.Tensor:
-        return rng.uniform(idx, key, stream)
-
-    def select(self, keys: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices of the k largest keys, in rank order: +inf > finite > -inf > NaN, and
-        equal keys (-0 == +0) go to the lower index."""
-        keys = keys.float()
-        nan = torch.isnan(keys)
-        order = torch.sort(torch.where(nan, torch.full_like(keys, float("-inf")), keys),
-                           descending=True, stable=True).indices
-        # A second stable sort moves NaN behind -inf and keeps every other order.
-        order = order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]
-        return order[:k]
-
-    def shuffle(self, chosen: torch.Tensor, key: int) -> torch.Tensor:
-        """A counter-based permutation of ``chosen``: the same on every device and rank."""
-        u = rng.uniform(chosen, key, rng.STREAM_SHUFFLE)
-        return chosen[torch.sort(u, stable=True).indices]
+    def unavailable(self) -> Optional[str]:
+        return None
