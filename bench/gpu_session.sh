@@ -26,7 +26,7 @@ FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
   $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/logs/build.log" 2>&1
 echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/logs/env.txt"
 tail -5 "$OUT/logs/build.log"
-$PY -c "import fastsel; print('backends', fastsel.backends())" 2>&1 | tee -a "$OUT/logs/env.txt"
+$PY -c "import fastsel; print('backends', fastsel.list_backends())" 2>&1 | tee -a "$OUT/logs/env.txt"
 
 if [[ $what == tests || $what == all ]]; then
   timeout ${TEST_TIMEOUT:-400} $PY -m pytest -q --maxfail=40 -p no:cacheprovider -n 8 \

@@ -490,3 +490,15 @@ def test_update_false_changes_no_state(backend_name, gen):
         state.to("cpu")
     _assert_same(before, _snapshot(state))
     close(out, expected_loss(logits, labels, "mean"), rtol=1e-5, atol=1e-6)
+
+
+def test_select_k_is_checked_once_for_every_backend(backend_name):
+    """k is normalised in one place (Backend.select): every backend refuses k < 0 and keeps
+    all keys for k > N, so backends cannot drift apart on it."""
+    b = get_backend(backend_name, dev(backend_name))
+    keys = torch.tensor([0.3, 2.0, -1.0, 2.0, 0.0]).to(dev(backend_name))
+    for bad in (-2, 1.5, True, torch.tensor(2)):
+        with pytest.raises(ValueError, match="k must be a non-negative int"):
+            b.select(keys, bad)
+    assert b.select(keys, 9).tolist() == [1, 3, 0, 4, 2]
+    assert b.select(keys, 0).tolist() == []

@@ -40,3 +40,16 @@ def test_ci_runs_the_readme_test_command():
     assert "make run" in text and "make test" in text
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert "make test" in f.read()
+
+
+def test_readme_loss_examples_run(tmp_path, monkeypatch):
+    """The segmentation, mixup, focal-loss (observe) and torch.compile examples run as written."""
+    marks = ("ignore_index=255", "Beta(0.4, 0.4)", "sampler.observe(focal", "torch.compile(")
+    blocks = [next(b for b in python_blocks() if m in b) for m in marks]
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        scope = {}
+        exec(compile(block, "README.md", "exec"), scope)
+        s = scope["sampler"]
+        assert s.summary()["passes"] == s.summary()["passes_full_training"] // 2
+        assert int((s.state.seen > 0).sum()) > 0

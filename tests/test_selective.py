@@ -652,9 +652,8 @@ def test_custom_loss_fn_and_policy_instances():
     assert_grads_equal(grads(model), expect)
     with pytest.raises(ValueError, match="keep= given with a BatchPolicy"):
         SelectiveStep(mlp(), SelectiveBackprop(b=2.0), keep=0.5)
-    with pytest.raises(ValueError, match="loss_fn"):
-        SelectiveStep(mlp(), "osgd", sampler=fastsel.Sampler(10, budget=1.0, epochs=1),
-                      loss_fn=lambda a, b: a)
+    with pytest.raises(ValueError, match="loss_fn must return per-sample losses"):
+        SelectiveStep(mlp(), "osgd", loss_fn=lambda a, b: a).step(x, y)
 
 
 # The README section proposed for SelectiveStep (docs/report); kept runnable here until

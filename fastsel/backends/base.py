@@ -8,6 +8,7 @@ device), so every backend takes every input ``F.cross_entropy`` takes.
 from __future__ import annotations
 
 import abc
+import operator
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -29,9 +30,13 @@ def target_form(logits: torch.Tensor, target: torch.Tensor) -> str:
 
 def check_k(k: Any, n: int) -> int:
     """``select``'s k as an int in [0, n]; k > n keeps all n. Refuses anything else."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    try:
+        kk = operator.index(k)  # Python and numpy ints; not floats or tensors
+    except TypeError:
+        kk = -1
+    if isinstance(k, (bool, torch.Tensor)) or kk < 0:
         raise ValueError(f"k must be a non-negative int (the number of keys to keep), got k={k!r}")
-    return min(k, n)
+    return min(kk, n)
 
 
 def state_args(state: SampleState) -> Tuple[torch.Tensor, ...]:
