@@ -37,9 +37,15 @@ SIGNATURES: Dict[str, List[tuple]] = {
                             ("wy_ptr", _F32), ("s_loss_ptr", _F32),
                             ("s_var_ptr", _F32), ("s_p_ptr", _F32), ("s_seen_ptr", _I32),
                             ("s_last_ptr", _I32), ("stats_ptr", "*fp64"), ("errors_ptr", _I64),
-                            ("red_ptr", _F32),
+                            ("out_ptr", _F32), ("scale_ptr", _F32),
                             ("B", "i32"), ("epoch", "i32"), ("ema", "fp32"),
-                            ("one_m_ema", "fp32"), ("NUM_UPDATE", "i32")],
+                            ("one_m_ema", "fp32"), ("NUM_UPDATE", "i32"), ("update", "i32"),
+                            ("reduction", "i32"), ("safe_mean", "i32")],
+    "observe_rows_kernel": [("losses_ptr", "*{dtype}"), ("probs_ptr", "*{dtype}"),
+                            ("indices_ptr", "*{index}"), ("pweight_ptr", _F32),
+                            ("loss_ptr", _F32), ("ptrue_ptr", _F32), ("row_ptr", _F32),
+                            ("wy_ptr", _F32), ("flags_ptr", _I32), ("scale_ptr", _F32),
+                            ("B", "i32"), ("N", "i32")],
     "radix_hist_kernel": [("keys_ptr", _F32), ("N", "i32"), ("ctrl_ptr", _I64), ("hist_ptr", _I32)],
     "radix_pick_kernel": [("ctrl_ptr", _I64), ("hist_ptr", _I32)],
     "select_count_kernel": [("keys_ptr", _F32), ("N", "i32"), ("ctrl_ptr", _I64),
@@ -52,7 +58,8 @@ SIGNATURES: Dict[str, List[tuple]] = {
     "batch_topk_kernel": [("keys_ptr", _F32), ("B", "i32"), ("k", "i32"), ("out_ptr", _I64)],
     "uniform_kernel": [("idx_ptr", _I64), ("out_ptr", _F32), ("n", "i32"), ("base", "i64")],
 }
-_MODULE = {"ce_step_kernel": "step", "state_update_kernel": "step", "uniform_kernel": "noise"}
+_MODULE = {"ce_step_kernel": "step", "state_update_kernel": "step", "observe_rows_kernel": "step",
+           "uniform_kernel": "noise"}
 
 
 def _kernel(name: str):

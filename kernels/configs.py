@@ -23,6 +23,8 @@ RADIX_SHIFTS = (24, 16, 8, 0)
 TOPK_BLOCK_I, TOPK_BLOCK_J, TOPK_WARPS = 64, 128, 8
 BATCH_TOPK_MAX = 8192
 NOISE_BLOCK = 1024
+#: Rows per program of observe's per-row kernel.
+OBSERVE_BLOCK, OBSERVE_WARPS = 1024, 4
 
 
 def next_pow2(x: int) -> int:
@@ -52,6 +54,13 @@ def state_blocks(b: int, interpret: bool = False) -> Tuple[int, int, int]:
     return STATE_BLOCK_I, STATE_BLOCK_J, STATE_WARPS
 
 
+def observe_blocks(b: int, interpret: bool = False) -> Tuple[int, int]:
+    """(BLOCK, num_warps) of observe's per-row kernel."""
+    if interpret:
+        return max(16, min(65536, next_pow2(b))), 4
+    return OBSERVE_BLOCK, OBSERVE_WARPS
+
+
 def topk_blocks(b: int, interpret: bool = False) -> Tuple[int, int, int]:
     """(BLOCK_I, BLOCK_J, num_warps) of the in-batch top-k."""
     if interpret:
@@ -65,7 +74,8 @@ def gpu_configs() -> List[Dict]:
 
     Flag constexprs of the fused step (class weights, smoothing, gradient) are compiled in
     their heaviest setting at every block size and logits dtype, and every setting for one
-    single-chunk and one multi-chunk block; int32 labels/indices once (``index``).
+    single-chunk and one multi-chunk block; int32 labels/indices once (``index``). observe's
+    per-row kernel at each loss dtype (``dtype``: losses and probs), with and without probs.
     """
     out: List[Dict] = []
     for bc in STEP_BLOCK_C:
@@ -90,6 +100,12 @@ def gpu_configs() -> List[Dict]:
     out.append(dict(kernel="ce_step_kernel", dtype="fp32", index="i32", num_warps=warps,
                     constexprs=dict(HAS_CW=False, SMOOTH=False, WRITE_GRAD=True,
                                     BLOCK_R=br, BLOCK_C=bc, SINGLE=single)))
+    for dt, has_probs in (("fp32", False), ("fp32", True), ("bf16", True), ("fp16", True),
+                          ("fp64", True)):
+        out.append(dict(kernel="observe_rows_kernel", dtype=dt, num_warps=OBSERVE_WARPS,
+                        constexprs=dict(HAS_PROBS=has_probs, BLOCK=OBSERVE_BLOCK)))
+    out.append(dict(kernel="observe_rows_kernel", dtype="fp32", index="i32",
+                    num_warps=OBSERVE_WARPS, constexprs=dict(HAS_PROBS=False, BLOCK=OBSERVE_BLOCK)))
     out.append(dict(kernel="state_update_kernel", num_warps=STATE_WARPS,
                     options=dict(enable_fp_fusion=False),  # the reference's roundings
                     constexprs=dict(BLOCK_I=STATE_BLOCK_I, BLOCK_J=STATE_BLOCK_J)))

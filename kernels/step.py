@@ -1,6 +1,8 @@
 """The fused step: per-row cross-entropy, p_true and d(loss)/d(logits) in one pass over the
 logits (``ce_step_kernel``), then the per-sample state update with duplicates merged
-(``state_update_kernel``).
+(``state_update_kernel``). ``observe`` (per-sample losses of any loss function) builds the
+same per-row arrays with ``observe_rows_kernel`` and reuses ``state_update_kernel``, so the
+update has one definition on Triton.
 
 Why two launches: duplicates of a sample in one batch are ONE observation of their mean
 loss, so the update needs every row's loss first; a grid-wide barrier does not exist in
@@ -8,15 +10,31 @@ Triton, so the merge is a second (small, O(B) reads per program) launch. It reso
 duplicates without atomics or sorting: each row compares its index against every row of
 the batch, the lowest row of a group owns it, sums its group in float64 in row order, and
 alone writes the state. The result is deterministic and never races.
+
+The slots of ``stats`` and ``errors`` come from ``fastsel.layout`` (module-level constexprs).
 """
 import triton
 import triton.language as tl
 
-# Per-row flags written by ce_step_kernel and read by state_update_kernel.
-FLAG_ACTIVE = 1      # label not ignored, index and label in range
-FLAG_FINITE = 2      # the state's loss is finite
-FLAG_BAD_INDEX = 4
-FLAG_BAD_LABEL = 8
+from fastsel import layout
+
+# Slots of the state's stats (float64) and errors (int64) vectors, defined in fastsel.layout.
+STAT_NONFINITE = tl.constexpr(layout.STAT_NONFINITE)
+STAT_EPOCH_LOSS = tl.constexpr(layout.STAT_EPOCH_LOSS)
+STAT_EPOCH_COUNT = tl.constexpr(layout.STAT_EPOCH_COUNT)
+ERR_INDEX_COUNT = tl.constexpr(layout.ERR_INDEX_COUNT)
+ERR_INDEX_VALUE = tl.constexpr(layout.ERR_INDEX_VALUE)
+ERR_LABEL_COUNT = tl.constexpr(layout.ERR_LABEL_COUNT)
+ERR_LABEL_VALUE = tl.constexpr(layout.ERR_LABEL_VALUE)
+
+# Per-row flags written by ce_step_kernel / observe_rows_kernel, read by state_update_kernel.
+FLAG_ACTIVE = tl.constexpr(1)     # label not ignored, index and label in range
+FLAG_FINITE = tl.constexpr(2)     # the row's loss and p_true are finite
+FLAG_BAD_INDEX = tl.constexpr(4)
+FLAG_BAD_LABEL = tl.constexpr(8)
+FLAG_OBSERVED = tl.constexpr(3)   # FLAG_ACTIVE | FLAG_FINITE: the row enters the state
+
+REDUCTION_MEAN = tl.constexpr(layout.REDUCTION_MEAN)
 
 
 @triton.jit
@@ -143,14 +161,50 @@ def ce_step_kernel(logits_ptr, stride_row, labels_ptr, indices_ptr, pweight_ptr,
             g = tl.where(active[:, None], g, p * 0.0)
             gp = grad_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
             tl.store(gp, g.to(grad_ptr.dtype.element_ty), mask=m2)
-    finite = (loss == loss) & (tl.abs(loss) != float("inf"))
-    flags = (active.to(tl.int32) * 1 + (finite & active).to(tl.int32) * 2
-             + bad_index.to(tl.int32) * 4 + bad_label.to(tl.int32) * 8)
+    finite = _finite(loss) & _finite(p_true)
+    flags = (tl.where(active, FLAG_ACTIVE, 0) + tl.where(finite & active, FLAG_FINITE, 0)
+             + tl.where(bad_index, FLAG_BAD_INDEX, 0) + tl.where(bad_label, FLAG_BAD_LABEL, 0))
     tl.store(loss_ptr + rows, loss, mask=rmask)
     tl.store(ptrue_ptr + rows, p_true, mask=rmask)
     tl.store(row_ptr + rows, tl.where(active, pw * weighted, 0.0), mask=rmask)
     tl.store(wy_ptr + rows, tl.where(active, w_y, 0.0), mask=rmask)
     tl.store(flags_ptr + rows, flags, mask=rmask)
+
+
+@triton.jit
+def _finite(x):
+    return (x == x) & (tl.abs(x) != float("inf"))
+
+
+@triton.jit
+def observe_rows_kernel(losses_ptr, probs_ptr, indices_ptr, pweight_ptr,
+                        loss_ptr, ptrue_ptr, row_ptr, wy_ptr, flags_ptr, scale_ptr, B, N,
+                        HAS_PROBS: tl.constexpr, BLOCK: tl.constexpr):
+    """``observe``'s per-row arrays for ``state_update_kernel``: the loss (float32), p_true
+    (the given probabilities, else exp(-loss)), the flags, the policy-weighted loss of active
+    rows (0 for the others), weight 1 per active row (the mean's count) and the row's scale
+    before the reduction (its policy weight if active, else 0)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < B
+    idx = tl.load(indices_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    bad_index = rmask & ((idx < 0) | (idx >= N))
+    active = rmask & (~bad_index)
+    loss = tl.load(losses_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if HAS_PROBS:
+        p_true = tl.load(probs_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    else:
+        p_true = tl.exp(-loss)
+    pw = tl.load(pweight_ptr + tl.where(active, idx, N), mask=rmask, other=0.0)
+    scale = tl.where(active, pw, 0.0)
+    finite = _finite(loss) & _finite(p_true)
+    flags = (tl.where(active, FLAG_ACTIVE, 0) + tl.where(finite & active, FLAG_FINITE, 0)
+             + tl.where(bad_index, FLAG_BAD_INDEX, 0))
+    tl.store(loss_ptr + rows, loss, mask=rmask)
+    tl.store(ptrue_ptr + rows, p_true, mask=rmask)
+    tl.store(row_ptr + rows, tl.where(active, pw * loss, 0.0), mask=rmask)
+    tl.store(wy_ptr + rows, tl.where(active, 1.0, 0.0), mask=rmask)
+    tl.store(flags_ptr + rows, flags, mask=rmask)
+    tl.store(scale_ptr + rows, scale, mask=rmask)
 
 
 @triton.jit
@@ -172,12 +226,17 @@ def _grad_coef(p, hot, w_y, wc, sum_w, pw, eps, one_m_eps, C, HAS_CW: tl.constex
 @triton.jit
 def state_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr, row_ptr, wy_ptr,
                         s_loss_ptr, s_var_ptr, s_p_ptr, s_seen_ptr, s_last_ptr,
-                        stats_ptr, errors_ptr, red_ptr, B, epoch, ema, one_m_ema, NUM_UPDATE,
+                        stats_ptr, errors_ptr, out_ptr, scale_ptr, B, epoch, ema, one_m_ema,
+                        NUM_UPDATE, update, reduction, safe_mean,
                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """Programs < NUM_UPDATE: merge duplicates and update the state of the rows they own.
-    Program NUM_UPDATE: batch totals (non-finite count, epoch loss/count, error counters)
-    and the reduction: red = [sum of per-row losses, sum of active class weights, their
-    ratio], so "sum" and "mean" need no further launch.
+    Program NUM_UPDATE: batch totals (non-finite count, epoch loss/count into ``stats`` if
+    ``update`` is nonzero; the error counters always) and the reduction, so "sum" and "mean"
+    need no further launch: ``out`` = the sum of the per-row outputs, divided under "mean"
+    by the sum of the active rows' class weights ``den`` (0/0 = NaN, as F.cross_entropy);
+    ``scale`` = 1/den under "mean", else 1. With ``safe_mean`` (observe) a batch without
+    an active row has scale 0 and out 0. A call without update launches the totals program
+    alone (NUM_UPDATE = 0, update = 0).
 
     Update rules (as the reference): first observation sets the mean, variance 0;
     otherwise m += a*d, v = (1-a)*(v + a*d*d); p_true is the running mean over every
@@ -188,7 +247,7 @@ def state_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr,
         ri = pid * BLOCK_I + tl.arange(0, BLOCK_I)
         mi = ri < B
         fi = tl.load(flags_ptr + ri, mask=mi, other=0)
-        obs_i = (fi & 3) == 3
+        obs_i = (fi & FLAG_OBSERVED) == FLAG_OBSERVED
         idx_i = tl.load(indices_ptr + ri, mask=mi, other=0).to(tl.int64)
         key_i = tl.where(obs_i, idx_i, -1)
         sum_l = tl.zeros([BLOCK_I], tl.float64)
@@ -199,7 +258,7 @@ def state_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr,
             rj = j0 + tl.arange(0, BLOCK_J)
             mj = rj < B
             fj = tl.load(flags_ptr + rj, mask=mj, other=0)
-            obs_j = (fj & 3) == 3
+            obs_j = (fj & FLAG_OBSERVED) == FLAG_OBSERVED
             key_j = tl.where(obs_j, tl.load(indices_ptr + rj, mask=mj, other=0).to(tl.int64), -2)
             eq = key_i[:, None] == key_j[None, :]
             hits = tl.sum(eq.to(tl.int32), axis=1)
@@ -246,10 +305,10 @@ def state_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr,
             rj = j0 + tl.arange(0, BLOCK_J)
             mj = rj < B
             f = tl.load(flags_ptr + rj, mask=mj, other=0)
-            act = (f & 1) != 0
-            obs = (f & 3) == 3
-            bi = (f & 4) != 0
-            bl = (f & 8) != 0
+            act = (f & FLAG_ACTIVE) != 0
+            obs = (f & FLAG_OBSERVED) == FLAG_OBSERVED
+            bi = (f & FLAG_BAD_INDEX) != 0
+            bl = (f & FLAG_BAD_LABEL) != 0
             nonfinite += (act & ~obs).to(tl.int32)
             count += obs.to(tl.int32)
             total += tl.where(obs, tl.load(loss_ptr + rj, mask=mj, other=0.0).to(tl.float64), 0.0)
@@ -261,26 +320,33 @@ def state_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr,
             red_wy += tl.load(wy_ptr + rj, mask=mj, other=0.0)
         tot = tl.sum(red_row, axis=0)
         den = tl.sum(red_wy, axis=0)
-        tl.store(red_ptr + 0, tot)
-        tl.store(red_ptr + 1, den)
-        tl.store(red_ptr + 2, tot / den)
+        is_mean = reduction == REDUCTION_MEAN
+        if safe_mean != 0:
+            scale = tl.where(is_mean, tl.where(den == 0.0, 0.0, 1.0 / den), 1.0)
+            out = tot * scale
+        else:
+            scale = tl.where(is_mean, 1.0 / den, 1.0)
+            out = tl.where(is_mean, tot / den, tot)
+        tl.store(out_ptr, out)
+        tl.store(scale_ptr, scale)
         nb_i = tl.sum(n_bi, axis=0)
         nb_l = tl.sum(n_bl, axis=0)
         fb_i = tl.min(first_bi, axis=0)
         fb_l = tl.min(first_bl, axis=0)
-        s0 = tl.load(stats_ptr + 0)
-        s1 = tl.load(stats_ptr + 1)
-        s2 = tl.load(stats_ptr + 2)
-        tl.store(stats_ptr + 0, s0 + tl.sum(nonfinite, axis=0).to(tl.float64))
-        tl.store(stats_ptr + 1, s1 + tl.sum(total, axis=0))
-        tl.store(stats_ptr + 2, s2 + tl.sum(count, axis=0).to(tl.float64))
-        e0 = tl.load(errors_ptr + 0)
-        e1 = tl.load(errors_ptr + 1)
+        if update != 0:
+            s0 = tl.load(stats_ptr + STAT_NONFINITE)
+            s1 = tl.load(stats_ptr + STAT_EPOCH_LOSS)
+            s2 = tl.load(stats_ptr + STAT_EPOCH_COUNT)
+            tl.store(stats_ptr + STAT_NONFINITE, s0 + tl.sum(nonfinite, axis=0).to(tl.float64))
+            tl.store(stats_ptr + STAT_EPOCH_LOSS, s1 + tl.sum(total, axis=0))
+            tl.store(stats_ptr + STAT_EPOCH_COUNT, s2 + tl.sum(count, axis=0).to(tl.float64))
+        e0 = tl.load(errors_ptr + ERR_INDEX_COUNT)
+        e1 = tl.load(errors_ptr + ERR_INDEX_VALUE)
         v_bi = tl.load(indices_ptr + fb_i, mask=nb_i > 0, other=0).to(tl.int64)
-        tl.store(errors_ptr + 1, tl.where((e0 == 0) & (nb_i > 0), v_bi, e1))
-        tl.store(errors_ptr + 0, e0 + nb_i.to(tl.int64))
-        e2 = tl.load(errors_ptr + 2)
-        e3 = tl.load(errors_ptr + 3)
+        tl.store(errors_ptr + ERR_INDEX_VALUE, tl.where((e0 == 0) & (nb_i > 0), v_bi, e1))
+        tl.store(errors_ptr + ERR_INDEX_COUNT, e0 + nb_i.to(tl.int64))
+        e2 = tl.load(errors_ptr + ERR_LABEL_COUNT)
+        e3 = tl.load(errors_ptr + ERR_LABEL_VALUE)
         v_bl = tl.load(labels_ptr + fb_l, mask=nb_l > 0, other=0).to(tl.int64)
-        tl.store(errors_ptr + 3, tl.where((e2 == 0) & (nb_l > 0), v_bl, e3))
-        tl.store(errors_ptr + 2, e2 + nb_l.to(tl.int64))
+        tl.store(errors_ptr + ERR_LABEL_VALUE, tl.where((e2 == 0) & (nb_l > 0), v_bl, e3))
+        tl.store(errors_ptr + ERR_LABEL_COUNT, e2 + nb_l.to(tl.int64))

@@ -1,20 +1,24 @@
-"""Triton-backend checks the shared suite (test_backends.py) does not make.
+"""Triton-backend checks the shared suite (test_backends.py) and the op-level checks
+(test_ops_triton.py) do not make, through the backend's methods (``step``, ``observe``,
+``select``, ``uniform``, ``shuffle`` and the two selection paths).
 
 In-batch top-k against ``torch.sort``; the radix selection on N not a power of two with
 heavy ties; C above one column chunk; the GPU tile configurations (forced under the
-interpreter); int32 inputs and strided logits; the error vector and stats against the
-reference backend; the noise on extreme indices; and the AOT build of every kernel at every
-launcher configuration for sm_80 and sm_90, in a subprocess without TRITON_INTERPRET.
-Without a GPU everything but the AOT build runs under ``TRITON_INTERPRET=1`` (conftest).
+interpreter) for the step and observe; int32 inputs and strided logits; the error vector
+and stats against the reference backend; the noise on extreme indices; the stats/errors
+slots read from ``fastsel.layout``; and the AOT build of every kernel at every launcher
+configuration for sm_80 and sm_90, in a subprocess without TRITON_INTERPRET. Without a GPU
+everything but the AOT build runs under ``TRITON_INTERPRET=1`` (conftest).
 """
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from fastsel import rng
+from fastsel import layout, rng
 from fastsel.backends import available, get_backend
 from fastsel.config import LossConfig
 from fastsel.state import SampleState
@@ -185,6 +189,41 @@ def test_gpu_tile_configurations_under_interpreter(gen, monkeypatch, c):
 
 
 @needs_triton
+@pytest.mark.skipif(DEV != "cpu", reason="forces GPU tile sizes under the interpreter")
+def test_observe_gpu_tiles_under_interpreter(gen, monkeypatch):
+    """observe at the launcher's GPU block sizes (per-row block, merge tiles) equals the
+    reference: duplicates across the merge's 128-row tiles, a NaN loss, a bad index, and an
+    update=False call that writes no state."""
+    import importlib
+    tmod = importlib.import_module("fastsel.backends.triton")
+    monkeypatch.setattr(tmod, "interpreting", lambda: False)
+    n, b = 60, 300
+    _, _, indices = _batch(gen, b, 3, n)
+    weight = torch.rand(n, generator=gen) * 2
+    losses = torch.rand(b, generator=gen).to(DEV) * 3
+    losses[5] = float("nan")
+    bad = indices.clone()
+    bad[9] = n
+    cfg = LossConfig(reduction="mean", strict=False)
+    res = []
+    for be in (_tb(), _ref()):
+        st = SampleState(n, DEV)
+        st.weight.copy_(weight)
+        x = losses.clone().requires_grad_(True)
+        out = be.observe(x, bad, st, cfg, 1)
+        out.backward()
+        with torch.no_grad():  # update=False writes no state
+            o_again = be.observe(losses, bad, st, cfg, 2, update=False)
+        res.append((out.detach(), x.grad, o_again, st))
+    (o1, g1, a1, s1), (o2, g2, a2, s2) = res
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(a1, a2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+    _assert_states_close(s1, s2)
+    assert torch.equal(s1.last_epoch.max(), torch.tensor(1, dtype=torch.int32, device=DEV))
+
+
+@needs_triton
 def test_int32_inputs_strided_logits_and_no_grad(gen):
     n, c = 50, 33
     logits0, labels, indices = _batch(gen, 64, c, n)
@@ -235,6 +274,19 @@ def test_strict_error_leaves_stats_and_errors_untouched(gen):
         _tb().step(logits, labels, indices, st, LossConfig(strict=True), 1)
     for a, b in zip(before, (st.stats, st.errors, st.seen)):
         assert torch.equal(a, b)
+
+
+def test_kernels_read_the_state_layout_from_fastsel_layout():
+    """The stats/errors slots are fastsel.layout's (one definition): the kernels index them
+    by its names, never by a number."""
+    from fastsel.backends.triton import load_kernels
+    src = open(os.path.join(ROOT, "kernels", "step.py")).read()
+    assert not re.search(r"(stats|errors)_ptr \+ \d", src)
+    if HAS_TRITON:
+        ks = load_kernels("step")
+        for name in ("STAT_NONFINITE", "STAT_EPOCH_LOSS", "STAT_EPOCH_COUNT", "ERR_INDEX_COUNT",
+                     "ERR_INDEX_VALUE", "ERR_LABEL_COUNT", "ERR_LABEL_VALUE", "REDUCTION_MEAN"):
+            assert getattr(ks, name).value == getattr(layout, name), name
 
 
 # ---- import hygiene and the AOT build ---------------------------------------------------

@@ -240,7 +240,7 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
     zero = torch.zeros((), dtype=torch.float32, device=losses.device)
     row_scale = torch.where(active, s_weight[safe_idx], zero)
     if reduction == layout.REDUCTION_MEAN:
-        row_scale = row_scale / active.sum().float()
+        row_scale = row_scale / active.sum().clamp(min=1).float()
     per_row = torch.where(active, row_scale * loss, zero)
     out = per_row if reduction == layout.REDUCTION_NONE else per_row.sum()
     if update:
