@@ -12,7 +12,7 @@ from fastsel.backends import available
 from fastsel.backends.base import state_args
 from fastsel.state import SampleState
 
-CPU_BACKENDS = ["reference"]
+CPU_BACKENDS = [b for b in ("reference", "cpu") if b in available("cpu")]
 
 
 def step_args(logits, target, idx, n=12, reduction=0, need_grad=True, update=True, **kw):
@@ -38,7 +38,7 @@ def step_cases():
 
 
 def impls():
-    return ["reference"]
+    return ["reference"] + (["csrc"] if "cpu" in available("cpu") else [])
 
 
 @pytest.mark.parametrize("impl", impls())

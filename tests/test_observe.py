@@ -9,7 +9,7 @@ import fastsel
 from fastsel import SelectiveStep
 
 
-def started(n=50, backend="reference", **kw):
+def started(n=50, backend="auto", **kw):
     s = fastsel.Sampler(n, policy="uniform", budget=1.0, epochs=3, seed=0, backend=backend, **kw)
     return s, list(iter(s))
 
@@ -19,17 +19,22 @@ def snapshot(s):
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sd["state"].items()}, s.position
 
 
-def same(a, b):
+def same(a, b, exact=True):
     (sa, pa), (sb, pb) = a, b
     assert pa == pb
     for k in sa:
         if isinstance(sa[k], torch.Tensor):
-            assert torch.equal(sa[k], sb[k]), k
+            if exact or not sa[k].is_floating_point():
+                assert torch.equal(sa[k], sb[k]), k
+            else:
+                torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_observe_of_cross_entropy_equals_loss(backend):
-    """The documented equivalence, through the public API and over several batches."""
+    """The documented equivalence, through the public API and over several batches: bit for
+    bit where both sides compute the loss with the same log-softmax (reference), and within
+    fp32 rounding of the loss values where the fused kernel computes its own (cpu)."""
     torch.manual_seed(0)
     s1, order = started(backend=backend)
     s2, _ = started(backend=backend)
@@ -44,7 +49,7 @@ def test_observe_of_cross_entropy_equals_loss(backend):
         l1.backward()
         l2.backward()
         torch.testing.assert_close(x1.grad, x2.grad)
-    same(snapshot(s1), snapshot(s2))
+    same(snapshot(s1), snapshot(s2), exact=backend == "reference")
     assert s1.position == 48
 
 
@@ -88,7 +93,7 @@ def test_observe_focal_loss_in_a_training_loop():
     x, y = torch.randn(200, 8, generator=g), torch.randint(0, 4, (200,), generator=g)
     model = nn.Linear(8, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    s = fastsel.Sampler(200, policy="tftb", budget=0.5, epochs=4, seed=0, backend="reference")
+    s = fastsel.Sampler(200, policy="tftb", budget=0.5, epochs=4, seed=0)
     for _ in s.epochs():
         order = list(iter(s))
         for b in range(0, len(order), 25):
@@ -110,7 +115,7 @@ def test_selective_step_with_loss_fn_and_sampler():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
     model = nn.Linear(6, 3)
-    s = fastsel.Sampler(64, policy="uniform", budget=1.0, epochs=1, seed=0, backend="reference")
+    s = fastsel.Sampler(64, policy="uniform", budget=1.0, epochs=1, seed=0)
     step = SelectiveStep(model, "osgd", keep=0.5, schedule=None, sampler=s,
                          loss_fn=lambda logits, t: 2 * F.cross_entropy(logits, t, reduction="none"))
     order = list(iter(s))
