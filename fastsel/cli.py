@@ -95,12 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default="results/compare", help="results folder (default results/compare)")
     _training_args(cmp_, epochs=20, seeds=3)
 
-    bench = sub.add_parser("bench", help="micro-benchmarks of the fused step and the selection per backend",
+    bench = sub.add_parser("bench", help="micro-benchmarks of the fused step, the selection and the loss call",
                            description="Time the fused step and the selection of every available backend "
-                                       "against plain PyTorch in the same run, and print the ratios.")
+                                       "against plain PyTorch in the same run, and what a user pays per "
+                                       "loss call: sampler.loss + backward against bare F.cross_entropy + "
+                                       "backward (host and device time); print the ratios.")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     bench.add_argument("--backends", default=None, help="comma-separated (default: every available one)")
     bench.add_argument("--full", action="store_true", help="the full size grid (default: a quick one)")
+    bench.add_argument("--loss-only", action="store_true", help="only the loss-call table")
+    bench.add_argument("--min-run-time", type=_seconds, default=0.3,
+                       help="seconds of timing per measured side (default 0.3)")
     bench.add_argument("--out", default=None, help="also write the results as JSON here")
 
     rep = sub.add_parser("report", help="markdown report and plots from a saved results folder",
@@ -165,16 +170,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         print(open(path).read())
         return 0
+    return _bench(args, argv)
+
+
+def _bench(args: argparse.Namespace, argv: List[str]) -> int:
+    """``fastsel bench``: the step and selection table, then the loss-call table."""
     from . import bench
     names = args.backends.split(",") if args.backends else None
+    t = args.min_run_time
     try:
-        rows = bench.run_all(args.device, names, quick=not args.full)
+        rows = [] if args.loss_only else bench.run_all(args.device, names, quick=not args.full, min_run_time=t)
+        loss_rows = bench.run_loss_cost(args.device, names, min_run_time=t)
     except (ValueError, RuntimeError) as e:
         print(f"fastsel: error: {e}", file=sys.stderr)
         return 2
-    print(bench.format_results(rows))
+    if rows:
+        print(bench.format_results(rows) + "\n")
+    print(bench.format_loss_cost(loss_rows))
     if args.out:
-        bench.save(rows, args.out, "fastsel " + " ".join(argv))
+        bench.save(rows + loss_rows, args.out, "fastsel " + " ".join(shlex.quote(a) for a in argv))
     return 0
 
 

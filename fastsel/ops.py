@@ -100,12 +100,14 @@ _FAKES: Dict[str, Callable] = {"ce_step": _ce_step_fake, "observe": _observe_fak
 
 # ---- the autograd formulas, once for every implementation ------------------------------------
 
-def _eager_one(s: torch.Tensor) -> bool:
-    """Whether ``s`` is a host scalar equal to 1, read only in plain eager mode (no
-    compile, tracing or dispatch mode active; no sync: it is on the CPU)."""
-    return (type(s) is torch.Tensor and s.device.type == "cpu" and s.dim() == 0
-            and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active() and bool(s == 1.0))
+def _eager_ones(*ts: torch.Tensor) -> bool:
+    """Whether every ``t`` is a host scalar equal to 1, read only in plain eager mode (no
+    compile, tracing or dispatch mode active; no sync: they are on the CPU)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dim() == 0
+               and t.item() == 1.0 for t in ts)
 
 
 def _ce_step_setup(ctx, inputs, output):
@@ -113,15 +115,18 @@ def _ce_step_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
 
 
-def _ce_step_backward(ctx, g_out, _g_grad, _g_scale):
+def _ce_step_backward(ctx, g_out, _g_grad=None, _g_scale=None):
     grad, scale = ctx.saved_tensors
+    n_in = 20
+    if g_out is None:
+        return (None,) * n_in
+    if not ctx.per_row and _eager_ones(g_out, scale):
+        return (grad,) + (None,) * (n_in - 1)  # the usual loss.backward(): no copy
     s = g_out.to(torch.float32) * scale
     if ctx.per_row:
         s = s.unsqueeze(1)
-    elif _eager_one(s):
-        return (grad,) + (None,) * 19  # the usual loss.backward(): the saved gradient, no copy
     gi = grad * s if grad.dtype == torch.float32 else (grad.to(torch.float32) * s).to(grad.dtype)
-    return (gi,) + (None,) * 19
+    return (gi,) + (None,) * (n_in - 1)
 
 
 def _observe_setup(ctx, inputs, output):
@@ -130,19 +135,44 @@ def _observe_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
-def _observe_backward(ctx, g_out, _g_scale):
+def _observe_backward(ctx, g_out, _g_scale=None):
+    if g_out is None:
+        return (None,) * 16
     row_scale, = ctx.saved_tensors
     gi = (g_out.to(torch.float32) * row_scale).to(ctx.dtype)
     return (gi,) + (None,) * 15
 
 
 def _register_autograd(op: str, impl: str, backward: Callable, setup: Callable) -> None:
-    """The autograd formula of ``op``. ``torch.library.register_autograd`` takes only
-    functional schemas; these ops also write the per-sample state, which never requires
-    grad, so the same kernel is built and registered at the Autograd key directly."""
-    from torch._library.autograd import Info, make_autograd_impl
+    """The autograd formula of ``op``, as a kernel at the Autograd key.
+
+    ``torch.library.register_autograd`` takes only functional schemas; these ops also write
+    the per-sample state, which never requires grad. Its generic kernel also re-reads the
+    schema on every call (~0.16 ms for 20 arguments) and zero-fills the gradients of the
+    outputs that have none; this one does neither.
+    """
     overload = getattr(get(op, impl), "default")
-    kernel = make_autograd_impl(overload, Info(backward, setup))
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, *args):  # type: ignore[override]
+            ctx.set_materialize_grads(False)
+            with torch._C._AutoDispatchBelowAutograd():
+                output = overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+            setup(ctx, args, output)
+            ctx.mark_non_differentiable(*output[1:])
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):  # type: ignore[override]
+            return (None,) + tuple(backward(ctx, *grads))
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            return _Fn.apply(keyset, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
     _lib.impl(f"{op}_{impl}", kernel, "Autograd", with_keyset=True)
 
 

@@ -1,25 +1,41 @@
-"""No host synchronisation per step: the reference step runs on ``meta`` tensors, where any
-``.item()``, ``bool()`` or device→host copy raises. (Strict mode syncs by design.)"""
+"""No host synchronisation per step: the reference implementation runs on ``meta`` tensors,
+where any ``.item()``, ``bool()`` or device→host copy raises. (Strict mode syncs by design.)
+
+The functions are called directly: through ``torch.ops`` a meta tensor would reach the fake
+kernel instead."""
 import pytest
 import torch
 
-from fastsel.backends.reference import ReferenceBackend
-from fastsel.config import LossConfig
+from fastsel import layout
+from fastsel.backends import reference
+from fastsel.backends.base import state_args
 from fastsel.state import SampleState
+
+
+def _step(x, target, i, st, strict, reduction, w=None, update=True):
+    return reference.ce_step(x, target, i, *state_args(st), w, -100, 0.1, 0.3,
+                             layout.REDUCTIONS.index(reduction), strict, 0, update, True)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_reference_step_has_no_host_sync(reduction, weighted):
+@pytest.mark.parametrize("form", ["hard-2d", "hard-kdim", "soft"])
+def test_reference_step_and_observe_have_no_host_sync(reduction, weighted, form):
     st = SampleState(100, "meta")
-    x = torch.randn(8, 5, device="meta", requires_grad=True)
-    y = torch.zeros(8, dtype=torch.long, device="meta")
+    shape = (8, 5) if form == "hard-2d" else (8, 5, 3, 2)
+    x = torch.randn(shape, device="meta")
+    if form == "soft":
+        target = torch.rand(shape, device="meta")
+    else:
+        target = torch.zeros((8,) + shape[2:], dtype=torch.long, device="meta")
     i = torch.zeros(8, dtype=torch.long, device="meta")
     w = torch.ones(5, device="meta") if weighted else None
-    cfg = LossConfig(strict=False, reduction=reduction, label_smoothing=0.1, class_weight=w)
-    out = ReferenceBackend().step(x, y, i, st, cfg, 0)
-    out.sum().backward()
-    assert x.grad.shape == x.shape
+    out, grad, _ = _step(x, target, i, st, False, reduction, w)
+    assert grad.shape == x.shape
+    losses = torch.rand(8, device="meta")
+    out, row_scale = reference.observe(losses, None, i, *state_args(st), 0.3,
+                                       layout.REDUCTIONS.index(reduction), False, 0, True)
+    assert row_scale.shape == (8,)
 
 
 def test_strict_mode_is_the_one_that_syncs():
@@ -27,4 +43,4 @@ def test_strict_mode_is_the_one_that_syncs():
     x = torch.randn(2, 3, device="meta")
     z = torch.zeros(2, dtype=torch.long, device="meta")
     with pytest.raises(RuntimeError, match="meta"):
-        ReferenceBackend().step(x, z, z, st, LossConfig(strict=True), 0)
+        _step(x, z, z, st, True, "mean")
