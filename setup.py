@@ -13,17 +13,38 @@ What gets built (``fastsel.list_backends()`` says at run time what loaded):
   machines without a GPU). The architectures come from ``TORCH_CUDA_ARCH_LIST``
   (e.g. ``"8.0;9.0"``), read by torch's ``BuildExtension``.
 
+Before the extension is built, ``csrc/layout.h`` is regenerated from ``fastsel/layout.py``
+(the one definition of the state's layout).
+
 Switches: ``FASTSEL_SKIP_EXT_BUILD=1`` builds no extension (pure Python, reference backend
 only); ``FASTSEL_SKIP_CUDA_BUILD=1`` builds the CPU extension only; ``FORCE_CUDA=1``
 builds the CUDA part without a visible GPU (an error if torch is a CPU build).
 """
 import glob
 import os
+import runpy
 import sys
 
 from setuptools import setup
 
 PACKAGES = ["fastsel", "fastsel.backends", "fastsel.policies", "fastsel.batch_policies", "fastsel.kernels"]
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_layout_header():
+    """Regenerate ``csrc/layout.h`` from ``fastsel/layout.py`` (the one definition of the
+    state's layout; plain Python, so it runs before torch or fastsel is importable). The
+    file is rewritten only when its text changes, so an unchanged layout rebuilds nothing."""
+    header = runpy.run_path(os.path.join(ROOT, "fastsel", "layout.py"))["header"]()
+    path = os.path.join(ROOT, "csrc", "layout.h")
+    try:
+        with open(path) as f:
+            if f.read() == header:
+                return
+    except FileNotFoundError:
+        pass
+    with open(path, "w") as f:
+        f.write(header)
 
 
 def _flag(name):
@@ -56,6 +77,7 @@ def extensions():
     cpu_sources = [s for s in cpp if not os.path.basename(s).startswith("cuda_")]
     if not cpu_sources or _flag("FASTSEL_SKIP_EXT_BUILD"):
         return [], {}
+    write_layout_header()
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension

@@ -89,14 +89,14 @@ void radix_sort_pairs(std::vector<uint32_t>& key, std::vector<uint32_t>& val) {
 }
 
 at::Tensor cpu_select(const at::Tensor& keys, int64_t k) {
-  TORCH_CHECK(keys.device().is_cpu(), "fastsel._C.select: keys must be on the CPU, got ", keys.device());
-  TORCH_CHECK(keys.scalar_type() == at::kFloat, "fastsel._C.select: keys must be float32, got ",
-              keys.scalar_type());
+  TORCH_CHECK(keys.device().is_cpu(), "fastsel::select_csrc: keys must be on the CPU, got ", keys.device());
+  TORCH_CHECK(keys.scalar_type() == at::kFloat, "fastsel::select_csrc: keys must be float32, got ",
+              keys.scalar_type(), " (cast with .float())");
   TORCH_CHECK(keys.dim() == 1 && keys.is_contiguous(),
-              "fastsel._C.select: keys must be a contiguous 1-D tensor, got shape ", keys.sizes());
+              "fastsel::select_csrc: keys must be a contiguous 1-D tensor, got shape ", keys.sizes());
   const int64_t n = keys.size(0);
-  TORCH_CHECK(n < (int64_t(1) << 32), "fastsel._C.select: at most 2**32 - 1 keys, got ", n);
-  TORCH_CHECK(k >= 0 && k <= n, "fastsel._C.select: k must be in [0, ", n, "], got ", k);
+  TORCH_CHECK(n < (int64_t(1) << 32), "fastsel::select_csrc: at most 2**32 - 1 keys, got ", n);
+  TORCH_CHECK(k >= 0 && k <= n, "fastsel::select_csrc: k must be in [0, ", n, "] (the number of keys), got ", k);
   at::Tensor out = at::empty({k}, at::kLong);
   if (k == 0) return out;
   const float* kp = keys.data_ptr<float>();
@@ -152,10 +152,10 @@ at::Tensor cpu_select(const at::Tensor& keys, int64_t k) {
 }
 
 at::Tensor cpu_uniform(const at::Tensor& idx, int64_t key, int64_t stream) {
-  TORCH_CHECK(idx.device().is_cpu(), "fastsel._C.uniform: idx must be on the CPU, got ", idx.device());
+  TORCH_CHECK(idx.device().is_cpu(), "fastsel::uniform_csrc: idx must be on the CPU, got ", idx.device());
   TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
-              "fastsel._C.uniform: idx must be int64 or int32, got ", idx.scalar_type());
-  TORCH_CHECK(idx.is_contiguous(), "fastsel._C.uniform: idx must be contiguous");
+              "fastsel::uniform_csrc: idx must be int64 or int32, got ", idx.scalar_type());
+  TORCH_CHECK(idx.is_contiguous(), "fastsel::uniform_csrc: idx must be contiguous");
   at::Tensor out = at::empty(idx.sizes(), at::kFloat);
   const uint32_t base = stream_base(key, stream);
   float* o = out.data_ptr<float>();
@@ -170,13 +170,13 @@ at::Tensor cpu_uniform(const at::Tensor& idx, int64_t key, int64_t stream) {
 }
 
 at::Tensor cpu_shuffle(const at::Tensor& chosen, int64_t key) {
-  TORCH_CHECK(chosen.device().is_cpu(), "fastsel._C.shuffle: chosen must be on the CPU, got ", chosen.device());
+  TORCH_CHECK(chosen.device().is_cpu(), "fastsel::shuffle_csrc: chosen must be on the CPU, got ", chosen.device());
   TORCH_CHECK(chosen.scalar_type() == at::kLong || chosen.scalar_type() == at::kInt,
-              "fastsel._C.shuffle: chosen must be int64 or int32, got ", chosen.scalar_type());
+              "fastsel::shuffle_csrc: chosen must be int64 or int32, got ", chosen.scalar_type());
   TORCH_CHECK(chosen.dim() == 1 && chosen.is_contiguous(),
-              "fastsel._C.shuffle: chosen must be a contiguous 1-D tensor, got shape ", chosen.sizes());
+              "fastsel::shuffle_csrc: chosen must be a contiguous 1-D tensor, got shape ", chosen.sizes());
   const int64_t m = chosen.size(0);
-  TORCH_CHECK(m < (int64_t(1) << 32), "fastsel._C.shuffle: at most 2**32 - 1 entries, got ", m);
+  TORCH_CHECK(m < (int64_t(1) << 32), "fastsel::shuffle_csrc: at most 2**32 - 1 entries, got ", m);
   const uint32_t base = stream_base(key, kStreamShuffle);
   std::vector<uint32_t> ukey(m), pos(m);
   at::Tensor out = at::empty_like(chosen);

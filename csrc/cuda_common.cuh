@@ -1,5 +1,6 @@
-// Shared device helpers of the CUDA kernels: device guard, error strings, block-wide
-// deterministic reductions. CUDA runtime only.
+// Shared device helpers of the CUDA kernels: error strings, block-wide deterministic
+// reductions. CUDA runtime only. (The glue, cuda_glue.cpp, makes the inputs' device current
+// before it calls a launcher.)
 #pragma once
 #include <cuda_runtime.h>
 
@@ -7,19 +8,6 @@
 
 namespace fastsel {
 namespace cuda {
-
-// Makes `device` current for a launcher and restores the caller's device.
-struct DeviceGuard {
-  int prev = -1;
-  bool ok = true;
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&prev) != cudaSuccess) prev = -1;
-    if (prev != device) ok = cudaSetDevice(device) == cudaSuccess;
-  }
-  ~DeviceGuard() {
-    if (prev >= 0) cudaSetDevice(prev);
-  }
-};
 
 inline const char* last_error() {
   cudaError_t e = cudaGetLastError();

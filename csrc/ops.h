@@ -1,37 +1,121 @@
-// Declarations of the CPU ops of fastsel._C (defined in cpu_step.cpp and cpu_select.cpp).
+// Declarations shared by the C++ and CUDA kernels of fastsel._C: the ops of fastsel/ops.py's
+// schemas (registered with TORCH_LIBRARY_IMPL in bindings.cpp and cuda_glue.cpp), their
+// argument checks, the state's buffers as raw pointers, and the per-sample state update.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
+#include "layout.h"
+
 namespace fastsel {
 
-// Metadata checks shared by the CPU and CUDA steps (dtype, shape, contiguity, device).
-void check_step_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& indices,
-                       const c10::optional<at::Tensor>& class_weight, const char* where, bool want_cpu);
+// ---- the ops (C++ signatures of fastsel.ops.SCHEMAS) -------------------------------------------
 
-// The fused step. Returns (loss, grad, strict_errors): in strict mode with a bad index or
-// label, nothing is written and only strict_errors (counts and one value each, as
-// state.errors) is defined; otherwise grad is d(loss)/d(logits) for a grad_output of 1
-// (per row for reduction "none"), undefined unless need_grad.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_step(
-    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& indices,
-    const at::Tensor& loss_buf, const at::Tensor& var_buf, const at::Tensor& p_buf,
-    const at::Tensor& seen_buf, const at::Tensor& last_buf, const at::Tensor& weight_buf,
-    const at::Tensor& stats, const at::Tensor& errors, const c10::optional<at::Tensor>& class_weight,
-    int64_t n, int64_t ignore_index, double label_smoothing, double ema, int64_t reduction,
-    bool strict, int64_t epoch, bool need_grad);
+// fastsel::ce_step_csrc on the CPU: every F.cross_entropy target (class indices [B] or
+// [B, d1..dk], class probabilities of the logits' shape). Returns (out, grad, grad_scale):
+// grad is d(out)/d(logits), already scaled by the reduction, so grad_scale holds 1; grad is
+// empty ([0]) unless need_grad.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& indices, at::Tensor& state_loss,
+    at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen, at::Tensor& state_last_epoch,
+    const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors,
+    const std::optional<at::Tensor>& class_weight, int64_t ignore_index, double label_smoothing, double ema,
+    int64_t reduction, bool strict, int64_t epoch, bool update, bool need_grad);
+
+// fastsel::observe_csrc on the CPU: per-sample losses of any loss into the state. Returns
+// (out, row_scale): the policy-weighted reduction and d(out)/d(losses) per row.
+std::tuple<at::Tensor, at::Tensor> observe_cpu(
+    const at::Tensor& losses, const std::optional<at::Tensor>& probs, const at::Tensor& indices,
+    at::Tensor& state_loss, at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen,
+    at::Tensor& state_last_epoch, const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors,
+    double ema, int64_t reduction, bool strict, int64_t epoch, bool update);
+
+// fastsel::select_csrc, uniform_csrc, shuffle_csrc on the CPU (cpu_select.cpp).
+at::Tensor cpu_select(const at::Tensor& keys, int64_t k);
+at::Tensor cpu_uniform(const at::Tensor& idx, int64_t key, int64_t stream);
+at::Tensor cpu_shuffle(const at::Tensor& chosen, int64_t key);
+
+// ---- argument checks (checks.cpp) ---------------------------------------------------------------
+
+// The step's shapes: batch, classes, positions per sample (d1 * ... * dk, 1 for 2-D logits),
+// and whether the target holds class probabilities.
+struct StepDims {
+  int64_t b, c, d;
+  bool soft;
+};
+
+// Per-call checks of the step's arguments (metadata only: no value is read). `device_type`
+// is where the kernel runs; `where` names the op in the messages.
+StepDims check_step_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& indices,
+                         const std::optional<at::Tensor>& class_weight, double label_smoothing, double ema,
+                         int64_t reduction, int64_t epoch, c10::DeviceType device_type, const char* where);
+
+// Per-call checks of observe's arguments; returns the batch size.
+int64_t check_observe_args(const at::Tensor& losses, const std::optional<at::Tensor>& probs,
+                           const at::Tensor& indices, double ema, int64_t reduction, int64_t epoch,
+                           c10::DeviceType device_type, const char* where);
+
+// The full check of a state's tensors (dtype, shape, contiguity, one device), with messages
+// that name the buffer, its value and the fix. fastsel calls it (as fastsel._C.check_state)
+// once when a state is bound to a backend or moved, not on every step.
+void check_state(const at::Tensor& loss, const at::Tensor& loss_var, const at::Tensor& p_true,
+                 const at::Tensor& seen, const at::Tensor& last_epoch, const at::Tensor& weight,
+                 const at::Tensor& stats, const at::Tensor& errors);
+
+// The state's buffers as raw pointers; n = the buffers' length - 1 (the scratch slot).
+struct StateView {
+  float* loss;
+  float* loss_var;
+  float* p_true;
+  int32_t* seen;
+  int32_t* last_epoch;
+  const float* weight;
+  double* stats;
+  int64_t* errors;
+  int64_t n;
+};
+
+// The view an op works on. Not a validation (check_state is, once per state): a guard of a
+// few field comparisons so that a state that does not fit can never be written out of
+// bounds; on a mismatch it raises check_state's message (or the device mismatch).
+StateView state_view(const at::Tensor& loss, const at::Tensor& loss_var, const at::Tensor& p_true,
+                     const at::Tensor& seen, const at::Tensor& last_epoch, const at::Tensor& weight,
+                     const at::Tensor& stats, const at::Tensor& errors, const at::Device& device,
+                     const char* where);
+
+// Strict mode: raises IndexError with fastsel.checks.raise_for_errors's message when a
+// count is non-zero (indices first). num_classes < 0: observe, which takes no labels.
+void raise_range_errors(int64_t bad_index_count, int64_t bad_index_value, int64_t bad_label_count,
+                        int64_t bad_label_value, int64_t n, int64_t num_classes);
+
+// Non-strict mode: adds the counts to state.errors and keeps the first offending values.
+void record_range_errors(const StateView& s, int64_t bad_index_count, int64_t bad_index_value,
+                         int64_t bad_label_count, int64_t bad_label_value);
+
+// ---- the per-sample state update (cpu_state.cpp) ------------------------------------------------
+
+// One batch row's observation of its sample: idx in [0, n), finite loss and p.
+struct RowObs {
+  int64_t idx;
+  float loss;
+  float p;
+};
+
+// Folds a batch's observations (in row order) into the state, as every backend does: the
+// rows of one sample are one observation of their mean loss and mean p (float64 sums in row
+// order), seen += rows, p_true a running mean weighted by that count, loss EMA and EW
+// variance, last_epoch = epoch; stats gets the epoch sums and `nonfinite` (active rows whose
+// observation was NaN/inf and so left out).
+void fold_observations(const StateView& s, std::vector<RowObs>& obs, int64_t nonfinite, int64_t epoch,
+                       double ema);
 
 // Stable ascending sort of (key, val) pairs by key (LSD radix, 11-bit digits; equal keys
 // keep their input order). Defined in cpu_select.cpp.
 void radix_sort_pairs(std::vector<uint32_t>& key, std::vector<uint32_t>& val);
-
-at::Tensor cpu_select(const at::Tensor& keys, int64_t k);
-at::Tensor cpu_uniform(const at::Tensor& idx, int64_t key, int64_t stream);
-at::Tensor cpu_shuffle(const at::Tensor& chosen, int64_t key);
 
 // Sets the number of ATen intra-op threads for ops the calling thread launches (OpenMP
 // backend; other threads keep theirs) and returns the previous number. Defined in

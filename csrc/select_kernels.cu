@@ -219,12 +219,9 @@ int64_t select_work_bytes(int64_t n, int64_t k) {
          align256(sort_temp_bytes(m));
 }
 
-const char* launch_select(const float* keys, int64_t n, int64_t k, int64_t* out, void* work, int device,
-                          void* stream_ptr) {
+const char* launch_select(const float* keys, int64_t n, int64_t k, int64_t* out, void* work, void* stream_ptr) {
   if (k <= 0 || n <= 0) return nullptr;
   if (n >= (int64_t(1) << 32) || k > n) return "fastsel: select needs k <= n < 2**32";
-  DeviceGuard guard(device);
-  if (!guard.ok) return "fastsel: cannot make the keys' CUDA device current";
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   char* w = static_cast<char*>(work);
   uint32_t* u = reinterpret_cast<uint32_t*>(w);
@@ -256,10 +253,8 @@ const char* launch_select(const float* keys, int64_t n, int64_t k, int64_t* out,
 }
 
 const char* launch_uniform(const void* idx, bool idx64, int64_t n, int64_t key, int64_t stream_id, float* out,
-                           int device, void* stream_ptr) {
+                           void* stream_ptr) {
   if (n <= 0) return nullptr;
-  DeviceGuard guard(device);
-  if (!guard.ok) return "fastsel: cannot make the indices' CUDA device current";
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const uint32_t base = stream_base(key, stream_id);
   if (idx64)
@@ -275,11 +270,9 @@ int64_t shuffle_work_bytes(int64_t m) {
 }
 
 const char* launch_shuffle(const void* chosen, bool chosen64, int64_t m, int64_t key, void* out, void* work,
-                           int device, void* stream_ptr) {
+                           void* stream_ptr) {
   if (m <= 0) return nullptr;
   if (m >= (int64_t(1) << 32)) return "fastsel: shuffle needs fewer than 2**32 entries";
-  DeviceGuard guard(device);
-  if (!guard.ok) return "fastsel: cannot make the indices' CUDA device current";
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const uint32_t base = stream_base(key, kStreamShuffle);
   uint64_t* keys = static_cast<uint64_t*>(work);

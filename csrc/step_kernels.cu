@@ -12,13 +12,13 @@
 
 #include "cuda_common.cuh"
 #include "cuda_launch.h"
+#include "layout.h"
 
 namespace fastsel {
 namespace cuda {
 namespace {
 
-constexpr int STAT_NONFINITE = 0, STAT_EPOCH_LOSS = 1, STAT_EPOCH_COUNT = 2;
-constexpr int ERR_INDEX_COUNT = 0, ERR_INDEX_VALUE = 1, ERR_LABEL_COUNT = 2, ERR_LABEL_VALUE = 3;
+using namespace fastsel::layout;
 constexpr uint32_t F_ACTIVE = 1, F_FINITE = 2, F_BAD_INDEX = 4, F_BAD_LABEL = 8;
 constexpr int kRowWarps = 8;       // rows per block of the row kernel
 constexpr int kFinalThreads = 1024;
@@ -175,10 +175,10 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(StepArgs a, con
     const int64_t vi = n_bad_i ? load_int(a.indices, a.indices64, first_i) : 0;
     const int64_t vl = n_bad_l ? load_int(a.labels, a.labels64, first_l) : 0;
     refuse = a.strict && (n_bad_i + n_bad_l) > 0;
-    a.strict_errors[0] = a.strict ? n_bad_i : 0;
-    a.strict_errors[1] = a.strict ? vi : 0;
-    a.strict_errors[2] = a.strict ? n_bad_l : 0;
-    a.strict_errors[3] = a.strict ? vl : 0;
+    a.strict_errors[ERR_INDEX_COUNT] = a.strict ? n_bad_i : 0;
+    a.strict_errors[ERR_INDEX_VALUE] = a.strict ? vi : 0;
+    a.strict_errors[ERR_LABEL_COUNT] = a.strict ? n_bad_l : 0;
+    a.strict_errors[ERR_LABEL_VALUE] = a.strict ? vl : 0;
     if (!a.strict) {
       if (a.errors[ERR_INDEX_COUNT] == 0 && n_bad_i > 0) a.errors[ERR_INDEX_VALUE] = vi;
       a.errors[ERR_INDEX_COUNT] += n_bad_i;
@@ -186,12 +186,14 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(StepArgs a, con
       a.errors[ERR_LABEL_COUNT] += n_bad_l;
     }
     const float df = static_cast<float>(denom), tf = static_cast<float>(total);
+    const bool mean = a.reduction == REDUCTION_MEAN;
     a.denom[0] = df;
-    a.out[0] = a.reduction == 0 ? tf / df : tf;
-    if (!refuse) a.stats[STAT_NONFINITE] += static_cast<double>(n_nonfinite);
+    a.out[0] = mean ? tf / df : tf;
+    a.grad_scale[0] = mean ? 1.0f / df : 1.0f;
+    if (!refuse && a.update) a.stats[STAT_NONFINITE] += static_cast<double>(n_nonfinite);
   }
   __syncthreads();
-  if (refuse) return;  // strict mode: the state stays as it was
+  if (refuse || !a.update) return;  // strict mode's refusal, or update=False: the state stays as it was
 
   // 2. (sample, row) keys of the observed rows, sorted: duplicates become runs in row order.
   uint64_t* keys = a.sort_keys;
@@ -264,26 +266,12 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(StepArgs a, con
   }
 }
 
-template <typename T>
-__global__ void scale_grad_kernel(const T* saved, int64_t b, int64_t c, const float* g, bool per_row,
-                                  const float* denom, T* out) {
-  const float inv = denom ? 1.0f / denom[0] : 1.0f;
-  const int64_t total = b * c;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float f = (per_row ? g[e / c] : g[0]) * inv;
-    st(out, e, ld(saved, e) * f);
-  }
-}
-
 }  // namespace
 
 int64_t step_rows_bytes(int64_t b) { return align256((b > 0 ? b : 1) * static_cast<int64_t>(sizeof(RowInfo))); }
 int64_t step_sort_len(int64_t b) { return next_pow2(b); }
 
-const char* launch_step(const StepArgs& a, int device, void* stream_ptr) {
-  DeviceGuard guard(device);
-  if (!guard.ok) return "fastsel: cannot make the logits' CUDA device current";
+const char* launch_step(const StepArgs& a, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   RowInfo* rows = static_cast<RowInfo*>(a.rows);
   if (a.b > 0) {
@@ -296,33 +284,6 @@ const char* launch_step(const StepArgs& a, int device, void* stream_ptr) {
     }
   }
   finalize_kernel<<<1, kFinalThreads, 0, stream>>>(a, rows, step_sort_len(a.b));
-  return last_error();
-}
-
-const char* launch_scale_grad(const void* saved, int logits_type, int64_t b, int64_t c, const float* g,
-                              bool per_row, const float* denom, void* grad_in, int device, void* stream_ptr) {
-  DeviceGuard guard(device);
-  if (!guard.ok) return "fastsel: cannot make the gradient's CUDA device current";
-  const int64_t total = b * c;
-  if (total == 0) return nullptr;
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const int64_t want = (total + 255) / 256;
-  const unsigned blocks = static_cast<unsigned>(want < 65535 ? want : 65535);
-  switch (logits_type) {
-    case kF32:
-      scale_grad_kernel<float><<<blocks, 256, 0, stream>>>(static_cast<const float*>(saved), b, c, g, per_row,
-                                                           denom, static_cast<float*>(grad_in));
-      break;
-    case kF16:
-      scale_grad_kernel<__half><<<blocks, 256, 0, stream>>>(static_cast<const __half*>(saved), b, c, g, per_row,
-                                                            denom, static_cast<__half*>(grad_in));
-      break;
-    case kBF16:
-      scale_grad_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(saved), b, c, g, per_row, denom, static_cast<__nv_bfloat16*>(grad_in));
-      break;
-    default: return "fastsel: unsupported logits type";
-  }
   return last_error();
 }
 

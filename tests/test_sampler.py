@@ -229,11 +229,12 @@ def test_unknown_policy_parameter_is_refused():
 
 
 @pytest.mark.parametrize("bad,exc,match", [
-    (lambda l, y, i: (l[0], y, i), ValueError, "logits must be 2-D"),
+    (lambda l, y, i: (l[0], y, i), ValueError, "logits must be \\[batch, classes\\]"),
     (lambda l, y, i: (l.long(), y, i), TypeError, "logits must be float32"),
-    (lambda l, y, i: (l, y.float(), i), TypeError, "labels must be int64 or int32"),
+    (lambda l, y, i: (l, y.float(), i), ValueError, "target holds class probabilities"),
+    (lambda l, y, i: (l, y.to(torch.uint8), i), TypeError, "target must be int64 or int32"),
     (lambda l, y, i: (l, y, i[:-1]), ValueError, "indices has 7 entries but logits has 8"),
-    (lambda l, y, i: (l, y[:, None], i), ValueError, "labels must be 1-D"),
+    (lambda l, y, i: (l, y[:, None], i), ValueError, "target of class indices must have shape"),
     (lambda l, y, i: (l, y, torch.tensor([0, 1, 2, 3, 4, 5, 6, 100])), IndexError, "outside \\[0, 100\\), e.g. 100"),
     (lambda l, y, i: (l, torch.tensor([0, 1, 2, 3, 4, 0, 1, 9]), i), IndexError, "labels: 1 label.*e.g. 9"),
 ])

@@ -1,0 +1,157 @@
+// The per-sample state update on the CPU (one definition, used by the fused step and by
+// observe) and fastsel::observe_csrc: per-sample losses of any loss into the state.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "layout.h"
+#include "ops.h"
+
+namespace fastsel {
+
+void fold_observations(const StateView& s, std::vector<RowObs>& obs, int64_t nonfinite, int64_t epoch,
+                       double ema) {
+  // Rows are in row order, so a stable sort by sample index makes each sample's rows a run
+  // in row order (the reference's stable sort).
+  const size_t m = obs.size();
+  if (s.n <= static_cast<int64_t>(UINT32_MAX) && m <= static_cast<size_t>(UINT32_MAX)) {
+    std::vector<uint32_t> key(m), val(m);
+    for (size_t q = 0; q < m; ++q) {
+      key[q] = static_cast<uint32_t>(obs[q].idx);
+      val[q] = static_cast<uint32_t>(q);
+    }
+    radix_sort_pairs(key, val);
+    std::vector<RowObs> sorted(m);
+    for (size_t q = 0; q < m; ++q) sorted[q] = obs[val[q]];
+    obs.swap(sorted);
+  } else {
+    std::stable_sort(obs.begin(), obs.end(), [](const RowObs& a, const RowObs& b) { return a.idx < b.idx; });
+  }
+  const float a = static_cast<float>(ema);
+  const float one_minus_a = static_cast<float>(1.0 - ema);
+  double epoch_loss = 0.0;
+  int64_t epoch_count = 0;
+  for (size_t g = 0; g < m;) {
+    const int64_t t = obs[g].idx;
+    double sum_l = 0.0, sum_p = 0.0;
+    int64_t cnt = 0;
+    for (; g < m && obs[g].idx == t; ++g, ++cnt) {
+      sum_l += static_cast<double>(obs[g].loss);
+      sum_p += static_cast<double>(obs[g].p);
+    }
+    const float obs_l = static_cast<float>(sum_l / static_cast<double>(cnt));
+    const float obs_p = static_cast<float>(sum_p / static_cast<double>(cnt));
+    const float m_old = s.loss[t], v_old = s.loss_var[t], p_old = s.p_true[t];
+    const int32_t s_old = s.seen[t];
+    const float delta = obs_l - m_old;
+    if (s_old == 0) {
+      s.loss[t] = obs_l;
+      s.loss_var[t] = 0.0f;
+    } else {
+      const float ad = a * delta;
+      s.loss[t] = m_old + ad;
+      s.loss_var[t] = one_minus_a * (v_old + ad * delta);
+    }
+    const int32_t s_new = s_old + static_cast<int32_t>(cnt);
+    const float frac =
+        static_cast<float>(static_cast<double>(cnt) / std::max(static_cast<double>(s_new), 1.0));
+    s.p_true[t] = p_old + (obs_p - p_old) * frac;
+    s.seen[t] = s_new;
+    s.last_epoch[t] = static_cast<int32_t>(epoch);
+    epoch_loss += sum_l;
+    epoch_count += cnt;
+  }
+  s.stats[layout::STAT_NONFINITE] += static_cast<double>(nonfinite);
+  s.stats[layout::STAT_EPOCH_LOSS] += epoch_loss;
+  s.stats[layout::STAT_EPOCH_COUNT] += static_cast<double>(epoch_count);
+}
+
+namespace {
+
+// A floating vector (any dtype) as float32.
+std::vector<float> as_float(const at::Tensor& t) {
+  std::vector<float> out(t.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "fastsel_as_float", [&] {
+    const scalar_t* p = t.data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(p[i]);
+  });
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> observe_cpu(
+    const at::Tensor& losses, const std::optional<at::Tensor>& probs, const at::Tensor& indices,
+    at::Tensor& state_loss, at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen,
+    at::Tensor& state_last_epoch, const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors,
+    double ema, int64_t reduction, bool strict, int64_t epoch, bool update) {
+  const char* where = "fastsel::observe_csrc";
+  const int64_t b = check_observe_args(losses, probs, indices, ema, reduction, epoch, c10::DeviceType::CPU, where);
+  const StateView s = state_view(state_loss, state_loss_var, state_p_true, state_seen, state_last_epoch,
+                                 state_weight, stats, errors, losses.device(), where);
+  const int64_t n = s.n;
+  const bool i64 = indices.scalar_type() == at::kLong;
+  const int64_t* i64p = i64 ? indices.data_ptr<int64_t>() : nullptr;
+  const int32_t* i32p = i64 ? nullptr : indices.data_ptr<int32_t>();
+
+  // Masks and range errors, before anything is written.
+  std::vector<int64_t> idx(b);
+  int64_t bad = 0, first_bad = 0, n_active = 0;
+  for (int64_t r = 0; r < b; ++r) {
+    const int64_t i = i64 ? i64p[r] : static_cast<int64_t>(i32p[r]);
+    const bool ok = i >= 0 && i < n;
+    if (!ok && bad++ == 0) first_bad = i;
+    n_active += ok;
+    idx[r] = ok ? i : n;
+  }
+  if (strict) {
+    raise_range_errors(bad, first_bad, 0, 0, n, -1);
+  } else {
+    record_range_errors(s, bad, first_bad, 0, 0);
+  }
+
+  const std::vector<float> l = as_float(losses);
+  // row_scale = policy weight (/ active rows for "mean"); masked rows count 0, even a NaN loss.
+  const bool mean = reduction == layout::REDUCTION_MEAN;
+  const float div = static_cast<float>(std::max<int64_t>(n_active, 1));
+  at::Tensor row_scale = at::empty({b}, losses.options().dtype(at::kFloat));
+  float* rs = row_scale.data_ptr<float>();
+  for (int64_t r = 0; r < b; ++r) rs[r] = idx[r] < n ? (mean ? s.weight[idx[r]] / div : s.weight[idx[r]]) : 0.0f;
+  at::Tensor out;
+  if (reduction == layout::REDUCTION_NONE) {
+    out = at::empty({b}, losses.options().dtype(at::kFloat));
+    float* o = out.data_ptr<float>();
+    for (int64_t r = 0; r < b; ++r) o[r] = idx[r] < n ? rs[r] * l[r] : 0.0f;
+  } else {
+    double total = 0.0;
+    for (int64_t r = 0; r < b; ++r) total += idx[r] < n ? static_cast<double>(rs[r] * l[r]) : 0.0;
+    out = at::scalar_tensor(static_cast<float>(total), losses.options().dtype(at::kFloat));
+  }
+
+  if (update) {
+    std::vector<float> p;
+    if (probs.has_value()) p = as_float(*probs);
+    std::vector<RowObs> obs;
+    obs.reserve(b);
+    int64_t nonfinite = 0;
+    for (int64_t r = 0; r < b; ++r) {
+      if (idx[r] >= n) continue;
+      const float pr = probs.has_value() ? p[r] : std::exp(-l[r]);
+      if (std::isfinite(l[r]) && std::isfinite(pr)) {
+        obs.push_back({idx[r], l[r], pr});
+      } else {
+        ++nonfinite;
+      }
+    }
+    fold_observations(s, obs, nonfinite, epoch, ema);
+  }
+  return {out, row_scale};
+}
+
+}  // namespace fastsel
