@@ -1,5 +1,5 @@
 // fastsel::ce_step_csrc on the CPU: the fused cross-entropy for every F.cross_entropy
-// target (.spec_issue11.md): class indices [B] or [B, d1..dk], class probabilities of the
+// target (fastsel/backends/reference.py is the oracle): class indices [B] or [B, d1..dk], class probabilities of the
 // logits' shape. One pass computes each element's loss, p_true and d(out)/d(logits); then
 // each sample's observation (the mean over its active elements) is folded into the state
 // (cpu_state.cpp) with duplicates merged as every backend does.
