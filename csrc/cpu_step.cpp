@@ -347,6 +347,18 @@ struct RowOut {
   int64_t active = 0;    // active elements
 };
 
+// A row whose logits hold a NaN or +inf, or are all -inf: NaN loss and gradient (the
+// returned loss too, if the row is active), as F.cross_entropy and its backward give.
+RowOut nonfinite_row(int64_t c, bool active, float* grad) {
+  RowOut out;
+  out.active = active;
+  out.loss = out.p_true = kNaN;
+  out.out = active ? kNaN : 0.0;
+  if (grad)
+    for (int64_t j = 0; j < c; ++j) grad[j] = kNaN;
+  return out;
+}
+
 // One row of 2-D logits with a class-index target: loss terms and, with grad, the gradient
 // of sc * weighted loss (sc = 0 for an inactive row, whose gradient is then 0, or NaN for a
 // NaN/inf row, as log_softmax's backward gives).
@@ -356,15 +368,9 @@ RowOut hard_row(const float* x, int64_t y, const Params& k, float sc, float pw, 
   const float* w = k.w;
   const float m = row_max(x, c);
   const float s = std::isfinite(m) ? row_exp_sum(x, c, m, e) : kNaN;
+  if (!std::isfinite(m) || std::isnan(s)) return nonfinite_row(c, active, grad);
   RowOut out;
   out.active = active;
-  if (!std::isfinite(m) || std::isnan(s)) {  // NaN anywhere, or a +inf / all -inf row
-    out.loss = out.p_true = kNaN;
-    out.out = active ? kNaN : 0.0;
-    if (grad)
-      for (int64_t j = 0; j < c; ++j) grad[j] = kNaN;
-    return out;
-  }
   const float logs = std::log(s);
   const float w_y = w ? w[y] : 1.0f;
   const float nll = logs - (x[y] - m);
@@ -403,15 +409,9 @@ RowOut soft_row(const float* x, const float* t, const Params& k, float sc, float
   const float* w = k.w;
   const float m = row_max(x, c);
   const float s = std::isfinite(m) ? row_exp_sum(x, c, m, e) : kNaN;
+  if (!std::isfinite(m) || std::isnan(s)) return nonfinite_row(c, active, grad);
   RowOut out;
   out.active = active;
-  if (!std::isfinite(m) || std::isnan(s)) {
-    out.loss = out.p_true = kNaN;
-    out.out = active ? kNaN : 0.0;
-    if (grad)
-      for (int64_t j = 0; j < c; ++j) grad[j] = kNaN;
-    return out;
-  }
   double sums[5];
   row_soft_sums(x, t, e, w, c, m, k.ome, k.eps_c, sums);
   const float logs = std::log(s);

@@ -12,6 +12,14 @@ import torch
 import torch.nn.functional as F
 
 
+def _admit(groups: Dict[int, List[tuple]], i: int, lo: float, po: float) -> int:
+    """Add sample i's observation if it is finite; returns 1 if it was not."""
+    if not (math.isfinite(lo) and math.isfinite(po)):
+        return 1
+    groups.setdefault(i, []).append((lo, po))
+    return 0
+
+
 class OracleState:
     """Per-sample state in float64, updated by the documented rules."""
 
@@ -73,11 +81,7 @@ class OracleState:
                     probs.append(math.exp(-nll))
             if not losses:
                 continue
-            lo, po = sum(losses) / len(losses), sum(probs) / len(probs)
-            if not (math.isfinite(lo) and math.isfinite(po)):
-                nonfinite += 1
-                continue
-            groups.setdefault(i, []).append((lo, po))
+            nonfinite += _admit(groups, i, sum(losses) / len(losses), sum(probs) / len(probs))
         self._fold(groups, epoch, ema)
         return nonfinite
 
@@ -94,10 +98,7 @@ class OracleState:
             lo = float(losses[r])
             po = math.exp(-lo) if p_true is None and math.isfinite(lo) else (
                 float(p_true[r]) if p_true is not None else float("nan"))
-            if not (math.isfinite(lo) and math.isfinite(po)):
-                nonfinite += 1
-                continue
-            groups.setdefault(i, []).append((lo, po))
+            nonfinite += _admit(groups, i, lo, po)
         self._fold(groups, epoch, ema)
         return nonfinite
 

@@ -168,6 +168,7 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
     logp = F.log_softmax(rows, dim=1)
     eps = float(label_smoothing)
     w = None if class_weight is None else class_weight.float()
+    tp = None  # the smoothed target distribution, built once when needed
     if soft:
         tp = _smoothed_targets(logp, None, probs, eps)
         loss = -(tp * logp).sum(dim=1)
@@ -198,7 +199,8 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
         out = per_elem.sum() / denom
         scale = 1.0 / denom
     if need_grad:
-        tp = _smoothed_targets(logp, None if soft else y, probs, eps)
+        if tp is None:
+            tp = _smoothed_targets(logp, y, None, eps)
         wt = tp if w is None else tp * w
         s = torch.where(active, pw, zero) * scale
         g = s.unsqueeze(1) * (wt.sum(dim=1, keepdim=True) * logp.exp() - wt)

@@ -150,6 +150,23 @@ def _state_update(ks: ModuleType, flags, indices, labels, loss, p_true, per_row,
         BLOCK_I=bi, BLOCK_J=bj, num_warps=swarps, enable_fp_fusion=False)
 
 
+def _row_buffers(b: int, dev: torch.device, per_elem: bool, spare: int) -> Tuple[torch.Tensor, ...]:
+    """The per-row arrays of a step or observe in one allocation (launch-bound steps):
+    (loss, p_true, per_row, wy, flags, out, total, ``spare`` extra scalars). ``out`` is a
+    tensor of its own (a custom op's outputs may not share storage); under reduction
+    "none" it is ``per_row`` and ``total`` (the sum) is scratch."""
+    nb = max(1, b)
+    ws = torch.empty(5 * nb + 1 + spare, dtype=torch.float32, device=dev)
+    loss, p_true, per_row, wy = (ws[i * nb:(i + 1) * nb] for i in range(4))
+    flags = ws[4 * nb:5 * nb].view(torch.int32)
+    if per_elem:
+        per_row = out = torch.empty(b, dtype=torch.float32, device=dev)
+        total = ws[5 * nb]
+    else:
+        out = total = torch.empty((), dtype=torch.float32, device=dev)
+    return loss, p_true, per_row, wy, flags, out, total, ws[5 * nb + 1:]
+
+
 def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
             s_loss: torch.Tensor, s_var: torch.Tensor, s_p: torch.Tensor, s_seen: torch.Tensor,
             s_last: torch.Tensor, s_weight: torch.Tensor, stats: torch.Tensor,
@@ -191,16 +208,7 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
     per_elem = reduction == layout.REDUCTION_NONE
     nb = max(1, b)
     with _device_guard(dev):
-        # One allocation for the per-row arrays (launch-bound steps); the outputs are their
-        # own tensors (a custom op's outputs may not share storage).
-        ws = torch.empty(5 * nb + 1, dtype=torch.float32, device=dev)
-        loss, p_true, per_row, wy = (ws[i * nb:(i + 1) * nb] for i in range(4))
-        flags = ws[4 * nb:5 * nb].view(torch.int32)
-        if per_elem:
-            per_row = out = torch.empty(b, dtype=torch.float32, device=dev)
-            total = ws[5 * nb]              # the sum, unused
-        else:
-            out = total = torch.empty((), dtype=torch.float32, device=dev)
+        loss, p_true, per_row, wy, flags, out, total, _ = _row_buffers(b, dev, per_elem, 0)
         scale = torch.empty((), dtype=torch.float32, device=dev)
         grad = torch.empty((b, c), dtype=x.dtype, device=dev) if need_grad else x.new_empty((0,))
         br, bc, single, warps = cf.step_blocks(c, b, interpreting())
@@ -245,15 +253,8 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
     per_elem = reduction == layout.REDUCTION_NONE
     nb = max(1, b)
     with _device_guard(dev):
-        ws = torch.empty(5 * nb + 2, dtype=torch.float32, device=dev)
-        loss, p_true, per_row, wy = (ws[i * nb:(i + 1) * nb] for i in range(4))
-        flags = ws[4 * nb:5 * nb].view(torch.int32)
-        inv = ws[5 * nb + 1]                # 1/(active rows) under "mean", else 1
-        if per_elem:
-            per_row = out = torch.empty(b, dtype=torch.float32, device=dev)
-            total = ws[5 * nb]              # the sum, unused
-        else:
-            out = total = torch.empty((), dtype=torch.float32, device=dev)
+        loss, p_true, per_row, wy, flags, out, total, spare = _row_buffers(b, dev, per_elem, 1)
+        inv = spare[0]                      # 1/(active rows) under "mean", else 1
         row_scale = torch.empty(b, dtype=torch.float32, device=dev)
         blk, warps = cf.observe_blocks(b, interpreting())
         ks.observe_rows_kernel[(_cdiv(nb, blk),)](
