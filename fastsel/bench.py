@@ -174,7 +174,7 @@ class LossCase:
     def batches(self, calls: int) -> List[torch.Tensor]:
         """The epoch's next ``calls`` index batches (``calls`` at most N // B)."""
         s = self.sampler
-        if len(s) < calls * self.b:
+        if len(s.epoch_array()) < calls * self.b:
             s.set_epoch(s.epoch + 1)
             iter(s)
         idx = torch.from_numpy(s.epoch_array()[: calls * self.b]).to(self.device)

@@ -1,74 +1,72 @@
-"""The drop-in sampler: picks each epoch's samples under a budget and takes the loss call.
+"""The drop-in sampler: speaks the DataLoader's and FFCV's protocol and takes the loss call.
 
-Data path: ``__iter__`` draws the epoch's selection (one pass on the device over all N
-samples) → the DataLoader yields those indices → ``loss()`` computes the per-sample loss,
-folds it into the per-sample state and returns the scalar to backprop → the next epoch's
-selection reads that state.
+Data path: ``__iter__`` draws the epoch's selection (fastsel.selection: one pass on the
+device over all N samples) → the DataLoader yields this rank's share of it
+(fastsel.sharding) → ``loss()`` computes the per-sample loss, folds the epoch's rows
+(fastsel.rows) into the per-sample state and returns the scalar to backprop → the next
+epoch's selection reads that state. The budget's accounting is fastsel.budget's.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sized, Union
 
 import numpy as np
 import torch
 
-from . import rng
 from .backends import check_backend_name, get_backend
-from .checks import check_observe_args, check_step_args, raise_for_errors
+from .budget import Budget
+from .checks import check_observe_args, check_step_args
 from .config import REDUCTIONS, LossConfig
 from .distributed import StateSync, world
-from .policies import Policy, SelectionContext, make_policy
-from .state import STAT_EPOCH_COUNT, STAT_EPOCH_LOSS, STAT_NONFINITE, SampleState
+from .policies import Policy, make_policy
+from .rows import EpochRows
+from .selection import SelectionPass
+from .sharding import Shard
+from .state import STAT_NONFINITE, SampleState
 from .summary import Summary, selection_entropy
-from .threads import calling_thread_only
 
 _FORMAT = 1
+_CHUNK = 4096   # indices converted to Python ints at a time while iterating
+_KEYS = ("format", "config", "seed", "epoch", "position", "exhausted", "selection",
+         "selection_epoch", "state", "policy_state", "generator", "sync", "counters")
 
 
-def _check_budget(budget: Any, time_budget: Any, epochs: Any) -> None:
-    if (budget is None) == (time_budget is None):
-        raise ValueError("give exactly one of budget= (a fraction in (0, 1]) and time_budget= "
-                         f"(seconds); got budget={budget!r}, time_budget={time_budget!r}")
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
-            raise ValueError(f"budget must be a fraction in (0, 1], got budget={budget!r}")
-        if epochs is None:
-            raise ValueError("a fraction budget needs epochs= (the epochs of full training), got epochs=None")
-    if time_budget is not None:
-        if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) \
-                or not math.isfinite(time_budget) or time_budget <= 0:
-            raise ValueError(f"time_budget must be a positive number of seconds, got time_budget={time_budget!r}")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs must be a positive int, got epochs={epochs!r}")
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class _EpochIterator(Iterator[int]):
-    """Iterates one epoch's shard from the trained position; stateful for torchdata's
-    StatefulDataLoader, which saves and restores it instead of fast-forwarding."""
+    """Iterates one epoch's shard from the trained position, a chunk of Python ints at a
+    time; stateful for torchdata's StatefulDataLoader, which saves and restores it instead
+    of fast-forwarding."""
 
     def __init__(self, sampler: "Sampler") -> None:
         self.sampler = sampler
         self._reset()
 
     def _reset(self) -> None:
-        self.shard = self.sampler._shard_list()
+        self.shard = self.sampler._shard_tensor()
         self.i = self.sampler.position
+        self._chunk: List[int] = []
+        self._chunk_start = self.i
 
     def __iter__(self) -> "_EpochIterator":
         return self
 
     def __next__(self) -> int:
         s = self.sampler
-        if self.i >= len(self.shard) or (self.i % 8 == 0 and s._time_up_local()):
+        if self.i >= len(self.shard) or not s._may_hand_out(self.i - s.position):
             s._exhausted = True
             raise StopIteration
-        v = self.shard[self.i]
+        j = self.i - self._chunk_start
+        if j >= len(self._chunk):
+            self._chunk_start, j = self.i, 0
+            self._chunk = self.shard[self.i:self.i + _CHUNK].tolist()
         self.i += 1
-        s._yielded += 1
-        return v
+        s.budget.yielded += 1
+        return self._chunk[j]
 
     # torchdata's StatefulDataLoader snapshots this when it fetches the batch it hands to
     # the user, restores the sampler first and then this: the position it carries is then
@@ -80,7 +78,10 @@ class _EpochIterator(Iterator[int]):
         if sd.get("epoch") != self.sampler.epoch:
             raise ValueError(f"iterator state is for epoch {sd.get('epoch')}, "
                              f"the sampler is at epoch {self.sampler.epoch}")
-        self.sampler.position = int(sd["yielded"])
+        y = sd.get("yielded")
+        if not _is_int(y) or not 0 <= y <= len(self.shard):
+            raise ValueError(f"iterator state 'yielded' must be an int in [0, {len(self.shard)}], got {y!r}")
+        self.sampler.position = y
         self._reset()
 
 
@@ -97,8 +98,8 @@ class Sampler(torch.utils.data.Sampler[int]):
             round(epochs·B) epochs).
         time_budget: seconds of wall clock instead; epochs end early when it is spent.
         epochs: epochs of full training (required with ``budget``; a cap with ``time_budget``).
-        seed: seeds the selection: the same seed gives the same stream of indices.
-        backend: ``"auto"`` or a name from :func:`fastsel.backends`.
+        seed: an int; the same seed gives the same stream of indices.
+        backend: ``"auto"`` or a name from :func:`fastsel.list_backends`.
         device: where the per-sample state lives; by default it follows the logits.
         num_replicas, rank: distributed shards (default: from the process group).
         drop_last: drop the tail to equal shards instead of padding (DistributedSampler's rule).
@@ -122,125 +123,110 @@ class Sampler(torch.utils.data.Sampler[int]):
         n = int(data) if isinstance(data, int) else len(data)  # type: ignore[arg-type]
         if n < 1:
             raise ValueError(f"the dataset must have at least one sample, got N={n}")
-        _check_budget(budget, time_budget, epochs)
+        if not _is_int(seed):
+            raise TypeError(f"seed must be an int, got seed={seed!r} ({type(seed).__name__}): "
+                            "pass e.g. seed=0")
+        check_backend_name(backend)
         self.n = n
         self.policy = make_policy(policy, **policy_kwargs)
-        if budget is not None and self.policy.keep != 1.0:
-            raise ValueError(f"keep={self.policy.keep} sets the share per epoch under a time budget; "
-                             f"with budget={budget} the share is the budget")
-        self.budget = None if budget is None else float(budget)
-        self.time_budget = None if time_budget is None else float(time_budget)
-        self.epochs_total = epochs
-        self.seed = int(seed)
+        self.budget = Budget(self.policy, budget, time_budget, epochs)
+        self.seed = seed
         self.backend_name = backend
-        check_backend_name(backend)
         self.cfg = LossConfig(ignore_index=ignore_index, label_smoothing=label_smoothing,
                               class_weight=class_weight, reduction=reduction, ema=ema)
         self._strict = strict
         self._fixed_device = None if device is None else torch.device(device)
-        self.world_size, self.rank = world(num_replicas, rank)
-        self.drop_last = bool(drop_last)
+        world_size, rank = world(num_replicas, rank)
+        self.shard = Shard(world_size, rank, drop_last)
         self.state = SampleState(n, self._fixed_device or "cpu")
-        self._sync = StateSync(self.state, self.world_size, self.rank) if self.world_size > 1 else None
+        self._sync = StateSync(self.state, world_size, rank) if world_size > 1 else None
+        self._passes = SelectionPass(self.state, self.policy, self.budget, self._sync, seed)
+        self._rows = EpochRows(n)
         self._backend: Optional[Any] = None
         self._backend_device: Optional[torch.device] = None
-        self._generator = torch.Generator()
         self.epoch = 0
-        self.position = 0            # samples of this epoch's shard that went through loss()
+        self.position = 0            # rows of this epoch's shard that went through loss()
         self._exhausted = False      # the epoch's iterator ran out (or its time did)
         self._selection: Optional[torch.Tensor] = None   # global, shuffled, this epoch
         self._selection_epoch: Optional[int] = None
-        self._shard_cache: Optional[List[int]] = None
         self._shard_cpu: Optional[torch.Tensor] = None
-        self._yielded = 0            # indices handed out in all epochs, this rank
-        self._trained = 0            # rows that went through loss() in all epochs, this rank
-        self._loss_calls = 0
-        self._elapsed0 = 0.0         # seconds spent before this process (resume)
-        self._clock: Optional[float] = None
-        self._selection_time = 0.0
-        self._epoch_counts: List[int] = []
-        self._epoch_losses: List[float] = []  # mean observed loss of each trained epoch
+        self._warned_spent = False
 
-    # ---- budget ---------------------------------------------------------------------
-    @property
-    def time_mode(self) -> bool:
-        return self.time_budget is not None
-
-    @property
-    def num_epochs(self) -> Optional[int]:
-        """Epochs the budget allows (None: a time budget without an epoch cap)."""
-        if self.time_mode:
-            return self.epochs_total
-        return self.policy.num_epochs(self.epochs_total, self.budget)  # type: ignore[arg-type]
+    # ---- what the parts know ------------------------------------------------------------
+    world_size = property(lambda self: self.shard.world_size)
+    rank = property(lambda self: self.shard.rank)
+    drop_last = property(lambda self: self.shard.drop_last)
+    time_mode = property(lambda self: self.budget.time_mode)
+    num_epochs = property(lambda self: self.budget.num_epochs,
+                          doc="Epochs the budget allows (None: a time budget without an epoch cap).")
 
     def elapsed(self) -> float:
         """Wall-clock seconds of the budget spent so far (across resumes)."""
-        return self._elapsed0 + (0.0 if self._clock is None else time.monotonic() - self._clock)
+        return self.budget.elapsed()
 
-    def _start_clock(self) -> None:
-        if self._clock is None:
-            self._clock = time.monotonic()
-
-    def _time_up_local(self) -> bool:
-        # Under DDP the ranks must yield equal counts: the epoch's count is fitted to the
-        # remaining time at the selection pass instead of checking each rank's clock.
-        return self.time_mode and self.world_size == 1 and self.elapsed() >= self.time_budget  # type: ignore[operator]
+    def progress(self) -> float:
+        """Share of the budget spent, in [0, 1]: by trained samples or by wall clock."""
+        return self.budget.progress(self.shard.length(self.budget.epoch_count(self.n)))
 
     def _time_up(self) -> bool:
+        """Whether a time budget is spent; the ranks agree on it (one all-reduce under DDP)."""
         if not self.time_mode:
             return False
-        e = self.elapsed()
+        e = self.budget.elapsed()
         if self.world_size > 1:
             t = torch.tensor([e], dtype=torch.float64, device=self.state.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             e = float(t)
-        return e >= self.time_budget  # type: ignore[operator]
+        return self.budget.time_up(e)
 
-    def _global_count(self) -> int:
-        """Samples the current epoch selects before sharding (fraction budgets: known ahead)."""
-        if not self.time_mode and self._selection_epoch != self.epoch:
-            return self.policy.count(self.n, self.budget)  # type: ignore[arg-type]
-        self._ensure_selection()
-        return int(self._selection.numel())  # type: ignore[union-attr]
+    def _may_hand_out(self, outstanding: int) -> bool:
+        # Under DDP the ranks must yield equal counts: the epoch's count is fitted to the
+        # remaining time at the selection pass instead of by each rank's clock.
+        return self.world_size > 1 or self.budget.may_hand_out(outstanding)
 
-    def _shard_len(self, k: int) -> int:
-        w = self.world_size
-        return k // w if self.drop_last else -(-k // w)
-
-    def progress(self) -> float:
-        """Share of the budget spent, in [0, 1]: by trained samples or by wall clock."""
-        if self.time_mode:
-            return min(1.0, self.elapsed() / self.time_budget)  # type: ignore[operator]
-        total = self.num_epochs * self._shard_len(self.policy.count(self.n, self.budget))  # type: ignore[arg-type, operator]
-        done = self._trained if self._loss_calls else self._yielded
-        return min(1.0, done / max(1, total))
-
-    # ---- epochs and iteration -------------------------------------------------------
+    # ---- epochs and iteration -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration draws (DistributedSampler's convention)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        if not _is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got epoch={epoch!r}")
         if epoch != self.epoch:
             self.epoch = epoch
             self.position = 0
         self._exhausted = False
 
+    def _drawn(self) -> bool:
+        return self._selection_epoch == self.epoch
+
     def _epoch_trained(self) -> bool:
-        return self._selection_epoch == self.epoch and self.position >= len(self._shard_tensor())
+        return self._drawn() and self.position >= len(self._shard_tensor())
 
     def _epoch_done(self) -> bool:
-        if self._selection_epoch != self.epoch:
-            return False
-        return self._exhausted or self.position >= len(self._shard_tensor())
+        return self._drawn() and (self._exhausted or self.position >= len(self._shard_tensor()))
+
+    def _next_epoch(self) -> int:
+        """The epoch the next iteration draws: the current one, or the one after it once
+        its iterator ran out."""
+        return self.epoch + 1 if self._epoch_done() and self._exhausted else self.epoch
+
+    def _spent(self) -> bool:
+        """Whether the budget allows no more epochs (warns once when asked to iterate past)."""
+        spent = self.budget.past_end(self.epoch) or self._time_up()
+        if spent and not self._warned_spent:
+            self._warned_spent = True
+            warnings.warn(f"fastsel: the budget is spent ({self.summary_budget()}); iterating "
+                          f"epoch {self.epoch} yields nothing", stacklevel=3)
+        return spent
+
+    def summary_budget(self) -> str:
+        b = self.budget
+        return f"{b.seconds:g} s" if b.time_mode else f"{b.num_epochs} epochs at budget={b.fraction}"
 
     def epochs(self) -> Iterator[int]:
         """Yield epoch numbers until the budget is spent, calling ``set_epoch`` for each;
         after a resume it starts with the interrupted epoch."""
-        self._start_clock()
+        self.budget.start_clock()
         e = self.epoch + 1 if self._epoch_done() else self.epoch
-        while True:
-            if self.num_epochs is not None and e >= self.num_epochs:
-                return
+        while not self.budget.past_end(e):
             if self._time_up():
                 return
             self.set_epoch(e)
@@ -248,48 +234,43 @@ class Sampler(torch.utils.data.Sampler[int]):
             e = self.epoch + 1
 
     def __iter__(self) -> Iterator[int]:
-        self._start_clock()
-        if self._epoch_done() and self._exhausted:
+        self.budget.start_clock()
+        if self._next_epoch() != self.epoch:
             self.set_epoch(self.epoch + 1)
+        if self._spent():
+            self._exhausted = True
+            return iter(())
         self._ensure_selection()
         return _EpochIterator(self)
 
+    def __len__(self) -> int:
+        """This rank's whole epoch length (also after a mid-epoch resume); 0 past the budget.
+        Pure: no selection pass, no collective. Under a time budget, before the epoch is
+        drawn, it is the policy's share; the pass may fit it to the time left."""
+        e = self._next_epoch()
+        if self.budget.past_end(e):
+            return 0
+        k = self._selection.numel() if e == self._selection_epoch else self.budget.epoch_count(self.n)  # type: ignore[union-attr]
+        return self.shard.length(k)
+
     def epoch_indices(self) -> List[int]:
         """This rank's indices still to train in the current epoch, drawing its selection
-        if needed; the same list however often it is asked (FFCV asks twice)."""
-        return self._shard_list()[self.position:]
-
-    def __len__(self) -> int:
-        """Indices this rank yields in the current epoch (what is left of it after a resume)."""
-        return max(0, self._shard_len(self._global_count()) - self.position)
+        if needed; the same list however often it is asked."""
+        return self.epoch_array().tolist()
 
     def epoch_array(self) -> "np.ndarray":
-        """``epoch_indices`` as an int64 numpy array, without a Python list (for FFCV)."""
+        """This rank's indices still to train in the current epoch, as an int64 numpy array
+        (for FFCV), drawing its selection if needed."""
         return self._shard_tensor()[self.position:].numpy()
 
     def _shard_tensor(self) -> torch.Tensor:
-        """This rank's shard of the epoch's selection, on the host (padded or dropped to
-        equal shards as DistributedSampler does)."""
+        """This rank's shard of the epoch's selection, on the host."""
         self._ensure_selection()
         if self._shard_cpu is None:
-            sel = self._selection
-            k, w = sel.numel(), self.world_size  # type: ignore[union-attr]
-            per = self._shard_len(k)
-            total = per * w
-            if total > k:
-                reps = -(-total // max(k, 1))
-                sel = sel.repeat(reps)[:total] if k else sel  # type: ignore[union-attr]
-            sel = sel[:total]  # type: ignore[index]
-            self._shard_cpu = sel[self.rank:total:w].cpu()
+            self._shard_cpu = self.shard.take(self._selection)  # type: ignore[arg-type]
         return self._shard_cpu
 
-    def _shard_list(self) -> List[int]:
-        shard = self._shard_tensor()  # first: a new epoch's selection pass resets the caches
-        if self._shard_cache is None:
-            self._shard_cache = shard.tolist()
-        return self._shard_cache
-
-    # ---- the selection pass -----------------------------------------------------------
+    # ---- the selection pass ---------------------------------------------------------------
     def _get_backend(self, device: torch.device) -> Any:
         """The backend for ``device``; the state's tensors are checked once when it binds."""
         if self._backend is None or self._backend_device != device:
@@ -300,105 +281,37 @@ class Sampler(torch.utils.data.Sampler[int]):
         return self._backend
 
     def _ensure_selection(self) -> None:
-        if self._selection_epoch != self.epoch:
-            self._selection_pass()
-
-    def _selection_pass(self) -> None:
-        """Draw the epoch's selection, timed; a CPU pass over a moderate N stays on this
-        thread (see fastsel.threads)."""
-        t0 = time.perf_counter()
-        with calling_thread_only(self.state.device, self.n):
-            self._draw_selection()
-        self._selection_time += time.perf_counter() - t0
-
-    def _mean_loss(self) -> Optional[float]:
-        """Mean loss EMA over trained samples (None before any), if the policy reads it."""
-        if not self.policy.uses_mean_loss:
-            return None
-        st = self.state
-        seen = st.seen > 0
-        n_seen = int(seen.sum())
-        if not n_seen:
-            return None
-        return float(torch.where(seen, st.loss, torch.zeros_like(st.loss)).sum()) / n_seen
-
-    def _epoch_loss(self) -> Optional[float]:
-        """Mean loss observed since the last selection pass (all ranks once merged), or None."""
-        total, count = self.state.stats[[STAT_EPOCH_LOSS, STAT_EPOCH_COUNT]].tolist()
-        return total / count if count else None
-
-    def _close_epoch_loss(self) -> None:
-        """Record the finished epoch's mean observed loss and start the next one's sums."""
-        mean = self._epoch_loss()
-        if mean is not None:
-            self._epoch_losses.append(mean)
-        self.state.stats[STAT_EPOCH_LOSS] = 0.0
-        self.state.stats[STAT_EPOCH_COUNT] = 0.0
-
-    def _draw_selection(self) -> None:
-        """Merge the ranks' state, let the policy pick k samples, record them, shuffle."""
-        st = self.state
-        budget_left = None
-        if self._sync is not None:
-            tot = self._sync(st, [self.elapsed(), float(self._trained)])
-            elapsed, trained = tot[0] / self.world_size, tot[1]
-            if self.time_mode and elapsed > 0:
-                budget_left = (self.time_budget - elapsed) * trained / elapsed  # type: ignore[operator]
-        errs = st.take_errors()
-        if self._sync is not None:
-            self._sync.rebase(st, mark=self.epoch)
-        if bool(errs.any()):
-            raise_for_errors(errs, self.n)
-        self.policy.observe(st, self._mean_loss(), self.time_mode)
-        if self.time_mode:
-            k = max(1, min(self.n, int(self.n * self.policy.time_share() + 0.5)))
-            if budget_left is not None:
-                k = max(0, min(k, int(budget_left)))
-        else:
-            k = self.policy.count(self.n, self.budget)  # type: ignore[arg-type]
-        key = rng.epoch_key(self._generator, self.seed, self.epoch)
-        backend = self._get_backend(st.device)
+        if self._selection_epoch == self.epoch:
+            return
         progress = self.progress() if self.time_mode else self.epoch / max(1, self.num_epochs)  # type: ignore[arg-type]
-        ctx = SelectionContext(state=st, backend=backend, epoch=self.epoch, k=k, key=key,
-                               progress=progress, time_mode=self.time_mode)
-        if k > 0:
-            sel = self.policy.select(ctx)
-            chosen = sel.indices
-            with torch.no_grad():
-                if sel.weights is not None:
-                    st.weight.copy_(sel.weights)
-                else:
-                    st.weight.fill_(1.0)
-                st.selected.index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.int32))
-            order = backend.shuffle(chosen, key)
-        else:
-            order = torch.empty(0, dtype=torch.int64, device=st.device)
-        self._close_epoch_loss()
-        if self._sync is not None:
-            self._sync.stats0.copy_(st.stats)
-        self._selection = order.to(torch.int64)
-        self._selection_epoch = self.epoch
-        self._shard_cache = self._shard_cpu = None
+        order = self._passes(self.epoch, self._get_backend, self._rows.take_stray(), progress)
+        self._set_selection(order, self.epoch)
         self._shard_tensor()  # the one device→host copy of the epoch
-        self._epoch_counts.append(int(k))
 
-    # ---- the loss call ----------------------------------------------------------------
+    def _set_selection(self, order: Optional[torch.Tensor], epoch: Optional[int]) -> None:
+        self._selection, self._selection_epoch = order, epoch
+        self._shard_cpu = None
+        self._rows.reset(order)
+
+    # ---- the loss call ------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor, *,
              reduction: Optional[str] = None, update: bool = True) -> torch.Tensor:
         """Cross-entropy as ``F.cross_entropy`` computes it, folded into the per-sample state;
-        returns the loss to backprop (policy weights applied). No host sync.
+        returns the loss to backprop (policy weights applied). No host sync off the CPU.
 
         ``logits`` [B, C] or [B, C, d1, ..., dk]; ``target`` class indices [B] or
         [B, d1, ..., dk] (``ignore_index`` allowed), or class probabilities of the logits'
-        shape (mixup, CutMix). ``indices`` [B]: each row's sample. A sample's observation is
-        the mean loss of its non-ignored elements. ``reduction`` overrides the sampler's for
-        this call. ``update=False`` computes the same loss without touching the state or the
-        epoch position (e.g. for a second pass over samples already observed).
+        shape (mixup, CutMix). ``indices`` [B]: each row's sample, rows of the epoch being
+        iterated (see README "What counts"). A sample's observation is the mean loss of its
+        non-ignored elements. ``reduction`` overrides the sampler's for this call.
+        ``update=False`` computes the same loss and changes nothing: for any forward whose
+        rows must not count (a sanity check, an evaluation pass, a second pass).
         """
         cfg = self._call_config(reduction)
         check_step_args(logits, target, indices, cfg)
         backend = self._follow(logits.device, cfg)
-        out = backend.step(logits, target, indices, self.state, cfg, self.epoch, update)
+        idx = self._admit(indices, cfg.strict) if update else indices
+        out = backend.step(logits, target, idx, self.state, cfg, self.epoch, update)
         if update:
             self._consumed(int(logits.shape[0]))
         return out
@@ -408,20 +321,40 @@ class Sampler(torch.utils.data.Sampler[int]):
                 update: bool = True) -> torch.Tensor:
         """Per-sample losses of any loss function (focal, detection, contrastive, ...) folded
         into the per-sample state as ``loss()`` folds its cross-entropy; returns their
-        policy-weighted reduction, with the gradient flowing into ``losses``. No host sync.
+        policy-weighted reduction, with the gradient flowing into ``losses``.
 
         ``losses`` [B] (a floating dtype, with or without a graph); ``p_true`` [B], the
         probability the model gave each sample's target (read by ``p-sgd``/``c-sgd``),
-        defaults to exp(-loss), exact for hard-label cross-entropy. ``reduction`` and
-        ``update`` as in ``loss()``; ``"mean"`` divides by the number of rows.
+        defaults to exp(-loss), exact for hard-label cross-entropy. ``indices``,
+        ``reduction`` and ``update`` as in ``loss()``; ``"mean"`` divides by the rows.
         """
         check_observe_args(losses, indices, p_true)
         cfg = self._call_config(reduction)
         backend = self._follow(losses.device, cfg)
-        out = backend.observe(losses, indices, self.state, cfg, self.epoch, p_true, update)
+        idx = self._admit(indices, cfg.strict) if update else indices
+        out = backend.observe(losses, idx, self.state, cfg, self.epoch, p_true, update)
         if update:
             self._consumed(int(losses.shape[0]))
         return out
+
+    def skip(self, indices: torch.Tensor) -> None:
+        """Count a batch as consumed without observing it, for a batch-level policy that
+        chose its rows on stale losses (StaleSB): the epoch position and the budget's
+        progress advance as ``loss()`` would advance them; the per-sample state does not."""
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
+            raise ValueError("indices must be a 1-D tensor of the batch's sample indices")
+        if indices.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"indices must be int64 or int32, got {indices.dtype}")
+        strict = (indices.device.type == "cpu") if self._strict is None else bool(self._strict)
+        self._admit(indices, strict, to_op=False)
+        self._consumed(int(indices.shape[0]))
+
+    def _admit(self, indices: torch.Tensor, strict: bool, to_op: bool = True) -> torch.Tensor:
+        """The rows that count towards the epoch (fastsel.rows); refuses the others."""
+        drawn = self._drawn()
+        return self._rows.admit(indices, epoch=self.epoch, drawn=drawn, position=self.position,
+                                shard_len=len(self._shard_tensor()) if drawn else 0,
+                                strict=strict, to_op=to_op)
 
     def _call_config(self, reduction: Optional[str]) -> LossConfig:
         """The loss settings of one call: the sampler's, with ``reduction`` overridden."""
@@ -432,17 +365,20 @@ class Sampler(torch.utils.data.Sampler[int]):
         return dataclasses.replace(self.cfg, reduction=reduction)
 
     def _follow(self, dev: torch.device, cfg: LossConfig) -> Any:
-        """Move the state (and class weights) to the device of the call once; the backend
-        for that device. Strict mode defaults to on on the CPU, off elsewhere."""
+        """Move the state (and class weights) to the device of the call once, after the
+        backend for that device is found (a device none runs on changes nothing); returns
+        it. Strict mode defaults to on on the CPU, off elsewhere."""
         if self.state.device != dev:
             if self._fixed_device is not None:
                 raise ValueError(f"the loss is on {dev} but the sampler's state is on "
                                  f"device={self._fixed_device}: pass device= or move the model")
+            get_backend(self.backend_name, dev)
             self.state.to(dev)
             if self._sync is not None:
                 self._sync.to(dev)
             if self._selection is not None:
                 self._selection = self._selection.to(dev)
+                self._rows.reset(self._selection)
             self._backend = None
         w = self.cfg.class_weight
         if w is not None and w.device != dev:
@@ -457,62 +393,56 @@ class Sampler(torch.utils.data.Sampler[int]):
     def _consumed(self, b: int) -> None:
         """A batch of b rows went through: the epoch position and the budget advance."""
         self.position += b
-        self._trained += b
-        self._loss_calls += 1
-
-    def skip(self, indices: torch.Tensor) -> None:
-        """Count a batch as consumed without observing it, for a batch-level policy that
-        chose its rows on stale losses (StaleSB): the epoch position and the budget's
-        progress advance as ``loss()`` would advance them; the per-sample state does not."""
-        if not isinstance(indices, torch.Tensor) or indices.dim() != 1:
-            raise ValueError("indices must be a 1-D tensor of the batch's sample indices")
-        if indices.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"indices must be int64 or int32, got {indices.dtype}")
-        self._consumed(int(indices.shape[0]))
+        self.budget.consumed(b)
 
     # ---- observability ----------------------------------------------------------------
     def summary(self) -> Summary:
         """Selected fraction, samples seen/skipped, passes saved, selection time, entropy,
         and the mean observed loss per epoch (the last entry is the current epoch so far;
         under DDP that one is this rank's until the next selection pass merges them)."""
-        st = self.state
-        epochs_run = len(self._epoch_counts)
+        st, b = self.state, self.budget
+        epochs_run = len(b.epoch_counts)
         # Full training: every sample in every epoch the recipe (or the time budget) ran.
-        full = self.n * (epochs_run if self.time_mode else int(self.epochs_total))  # type: ignore[arg-type]
-        passes = self._trained * self.world_size
+        full = self.n * (epochs_run if self.time_mode else int(b.epochs_total))  # type: ignore[arg-type]
+        passes = b.trained * self.world_size
         sel_counts = st.selected
-        current = self._epoch_loss()
+        current = self._passes.epoch_loss()
         return Summary({
             "policy": self.policy.name,
             "backend": getattr(self._backend, "name", self.backend_name),
-            "budget": self.budget if not self.time_mode else f"{self.time_budget:g} s",
+            "budget": b.fraction if not self.time_mode else f"{b.seconds:g} s",
             "epochs_run": epochs_run,
-            "selected_fraction": (sum(self._epoch_counts) / (epochs_run * self.n)) if epochs_run else 0.0,
+            "selected_fraction": (sum(b.epoch_counts) / (epochs_run * self.n)) if epochs_run else 0.0,
             "samples_seen": int((st.seen > 0).sum()),
             "samples_never_selected": int((sel_counts == 0).sum()),
             "passes": passes,
             "passes_full_training": full,
             "passes_saved": 1.0 - passes / full if full else 0.0,
-            "selection_time_s": self._selection_time,
+            "selection_time_s": self._passes.seconds,
             "selection_entropy": selection_entropy(sel_counts),
             "nonfinite_losses": int(st.stats[STAT_NONFINITE]),
-            "epoch_mean_losses": self._epoch_losses + ([] if current is None else [current]),
+            "epoch_mean_losses": self._passes.epoch_losses + ([] if current is None else [current]),
             "elapsed_s": self.elapsed(),
         })
 
     # ---- checkpoint and resume --------------------------------------------------------
     def _config(self) -> Dict[str, Any]:
-        return {"n": self.n, "policy": self.policy.config(), "budget": self.budget,
-                "time_budget": self.time_budget, "epochs": self.epochs_total,
+        b = self.budget
+        return {"n": self.n, "policy": self.policy.config(), "budget": b.fraction,
+                "time_budget": b.seconds, "epochs": b.epochs_total,
                 "world_size": self.world_size, "drop_last": self.drop_last}
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything a resume needs to yield exactly the stream an uninterrupted run would.
+        """Everything a resume needs to yield exactly the stream an uninterrupted run would;
+        tensors, numbers and strings only (loads with ``torch.load(weights_only=True)``).
 
         ``position`` counts what went through ``loss()``, not what the DataLoader prefetched.
         Under DDP it holds this rank's updates since the last selection pass: save one per
         rank, or save at an epoch boundary.
         """
+        counters = self.budget.state_dict()
+        counters.update(selection_time=self._passes.seconds,
+                        epoch_losses=list(self._passes.epoch_losses))
         return {
             "format": _FORMAT, "config": self._config(), "seed": self.seed,
             "epoch": self.epoch, "position": self.position,
@@ -521,46 +451,70 @@ class Sampler(torch.utils.data.Sampler[int]):
             "selection": None if self._selection is None else self._selection.cpu().clone(),
             "selection_epoch": self._selection_epoch,
             "state": self.state.state_dict(), "policy_state": self.policy.state_dict(),
-            "generator": self._generator.get_state(),
+            "generator": self._passes.generator.get_state(),
             "sync": None if self._sync is None else self._sync.state_dict(),
-            "counters": {"yielded": self._yielded, "trained": self._trained,
-                         "loss_calls": self._loss_calls, "elapsed": self.elapsed(),
-                         "selection_time": self._selection_time,
-                         "epoch_counts": list(self._epoch_counts),
-                         "epoch_losses": list(self._epoch_losses)},
+            "counters": counters,
         }
 
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        """Restore a ``state_dict``; a state for another N, policy or budget is refused
-        with a clear error and nothing here changes."""
+    def _check_state_dict(self, sd: Any) -> None:
+        """Refuse a state_dict that cannot be loaded, naming the field; changes nothing."""
         if not isinstance(sd, dict) or sd.get("format") != _FORMAT:
             raise ValueError(f"not a fastsel Sampler state_dict of format {_FORMAT}")
+        missing = [k for k in _KEYS if k not in sd]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing}: pass a dict from Sampler.state_dict()")
         mine, theirs = self._config(), sd["config"]
+        if not isinstance(theirs, dict):
+            raise ValueError(f"state_dict field 'config' must be a dict, got {type(theirs).__name__}")
         for key in mine:
             if mine[key] != theirs.get(key):
                 raise ValueError(f"state_dict is for {key}={theirs.get(key)!r}, "
                                  f"this sampler has {key}={mine[key]!r}")
         if sd["seed"] != self.seed:
             raise ValueError(f"state_dict is for seed={sd['seed']!r}, this sampler has seed={self.seed!r}")
-        self.state.check_state_dict(sd["state"])
-        sel = sd["selection"]
-        if sel is not None and (not isinstance(sel, torch.Tensor) or sel.dim() != 1
+        for key in ("epoch", "position"):
+            if not _is_int(sd[key]) or sd[key] < 0:
+                raise ValueError(f"state_dict field {key!r} must be a non-negative int, got {sd[key]!r}")
+        if not isinstance(sd["exhausted"], bool):
+            raise ValueError(f"state_dict field 'exhausted' must be a bool, got {sd['exhausted']!r}")
+        sel, sel_epoch = sd["selection"], sd["selection_epoch"]
+        if sel is not None and (not isinstance(sel, torch.Tensor) or sel.dtype != torch.int64
+                                or sel.dim() != 1 or sel.numel() > self.n
                                 or (sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= self.n))):
-            raise ValueError(f"state_dict selection must be a 1-D tensor of indices in [0, {self.n})")
+            raise ValueError(f"state_dict field 'selection' must be None or a 1-D int64 tensor of at "
+                             f"most {self.n} indices in [0, {self.n}), got {sel!r:.80}")
+        if (sel is None) != (sel_epoch is None) or (sel_epoch is not None and (not _is_int(sel_epoch) or sel_epoch < 0)):
+            raise ValueError("state_dict field 'selection_epoch' must be a non-negative int with a "
+                             f"selection and None without one, got {sel_epoch!r}")
+        limit = self.shard.length(sel.numel()) if sel_epoch == sd["epoch"] else 0
+        if sd["position"] > limit:
+            raise ValueError(f"state_dict field 'position' is {sd['position']}, beyond the {limit} rows "
+                             f"of epoch {sd['epoch']}'s shard")
+        gen = sd["generator"]
+        ref = self._passes.generator.get_state()
+        if not isinstance(gen, torch.Tensor) or gen.dtype != ref.dtype or gen.shape != ref.shape:
+            raise ValueError(f"state_dict field 'generator' must be a torch.Generator state "
+                             f"({ref.dtype} tensor of shape {tuple(ref.shape)})")
+        self.state.check_state_dict(sd["state"])
+        if self._sync is not None and sd["sync"] is not None:
+            self._sync.check_state_dict(sd["sync"], self.n)
+        self.budget.check_state_dict(sd["counters"])
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        """Restore a ``state_dict``. Every field is checked before anything is written (a
+        bad one is refused, naming it, and nothing changes); no tensor is shared with ``sd``."""
+        self._check_state_dict(sd)
+        self.policy.load_state_dict(sd["policy_state"])   # checks its own fields first
         self.state.load_state_dict(sd["state"])
-        self.policy.load_state_dict(sd["policy_state"])
-        self._generator.set_state(sd["generator"])
+        self._passes.generator.set_state(sd["generator"].clone())
         if self._sync is not None and sd["sync"] is not None:
             self._sync.load_state_dict(sd["sync"], self.state.device)
-        self.epoch = int(sd["epoch"])
-        self.position = int(sd["position"])
-        self._exhausted = bool(sd["exhausted"])
-        self._selection = None if sel is None else sel.to(self.state.device)
-        self._selection_epoch = sd["selection_epoch"]
-        self._shard_cache = self._shard_cpu = None
+        self.epoch, self.position = sd["epoch"], sd["position"]
+        self._exhausted = sd["exhausted"]
+        sel = sd["selection"]
+        self._set_selection(None if sel is None else sel.to(self.state.device, copy=True),
+                            sd["selection_epoch"])
         c = sd["counters"]
-        self._yielded, self._trained, self._loss_calls = c["yielded"], c["trained"], c["loss_calls"]
-        self._elapsed0, self._clock = float(c["elapsed"]), None
-        self._selection_time = float(c["selection_time"])
-        self._epoch_counts = list(c["epoch_counts"])
-        self._epoch_losses = list(c.get("epoch_losses", []))
+        self.budget.load_state_dict(c)
+        self._passes.seconds = float(c["selection_time"])
+        self._passes.epoch_losses = [float(v) for v in c.get("epoch_losses", [])]

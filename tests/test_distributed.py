@@ -23,10 +23,11 @@ def _worker(rank, world, init_file, out_dir, n, policy, kwargs):
         record = []
         for e in s.epochs():
             shard = s.epoch_indices()  # the selection pass: synchronises the state
+            length = len(s)
             state = {k: v.clone() for k, v in s.state.state_dict().items() if isinstance(v, torch.Tensor)}
             trained = train_epoch(s, 8)
             assert trained == shard
-            record.append({"epoch": e, "len": len(s) + s.position, "shard": trained,
+            record.append({"epoch": e, "len": length, "shard": trained,
                            "selection": s._selection.tolist(), "state": state})
         s.set_epoch(s.epoch + 1)
         s.epoch_indices()  # a last pass merges the last epoch's updates

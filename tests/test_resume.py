@@ -88,7 +88,7 @@ def test_position_is_what_was_trained_not_what_was_prefetched():
                 break
         if e == 1:
             break
-    assert s._yielded > len(stream)  # the workers really did read ahead
+    assert s.budget.yielded > len(stream)  # the workers really did read ahead
     sd = roundtrip(s.state_dict())
     assert sd["position"] == 24
     r = make("infobatch")

@@ -412,7 +412,7 @@ def test_backward_batch_uses_the_samplers_policy_weights():
     sampler = fastsel.Sampler(40, policy="uniform", budget=1.0, epochs=1)
     model = mlp()
     s = SelectiveStep(model, "osgd", keep=0.5, sampler=sampler)
-    sampler.set_epoch(0)
+    iter(sampler)   # the epoch's selection pass sets the weights; then override them
     sampler.state.weight.copy_(torch.linspace(0.5, 2.0, 40))   # e.g. InfoBatch's rescale
     idx = torch.arange(20)
     before = copy.deepcopy(model)
@@ -437,6 +437,8 @@ def test_amp_bf16_on_cpu_runs(policy, kw, with_sampler):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     sampler = fastsel.Sampler(128, budget=1.0, epochs=1) if with_sampler else None
+    if sampler is not None:
+        iter(sampler)   # rows count towards an epoch being iterated
     s = SelectiveStep(model, policy, optimizer=opt, scaler=scaler, autocast=torch.bfloat16,
                       sampler=sampler, **kw)
     w0 = model[1].weight.detach().clone()

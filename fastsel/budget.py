@@ -1,0 +1,175 @@
+"""The budget's accounting: samples per epoch, epochs allowed, share spent, and the clock.
+
+A fraction budget B trains exactly round(N·B) samples per epoch for the recipe's epochs
+(or what the policy makes of them: scan trains N per epoch for round(epochs·B) epochs). A
+time budget trains until its seconds are spent; under it the sampler hands out rows only
+while the rows already handed out can still be trained in time (``may_hand_out``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, List, Optional
+
+from .policies import Policy
+from .policies.base import round_half_up
+
+#: The clock every budget reads (a module attribute so that tests can drive it).
+now = time.monotonic
+
+
+def check_budget(budget: Any, time_budget: Any, epochs: Any) -> None:
+    """Refuse a budget that is not exactly one of a fraction and a number of seconds."""
+    if (budget is None) == (time_budget is None):
+        raise ValueError("give exactly one of budget= (a fraction in (0, 1]) and time_budget= "
+                         f"(seconds); got budget={budget!r}, time_budget={time_budget!r}")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget must be a fraction in (0, 1], got budget={budget!r}")
+        if epochs is None:
+            raise ValueError("a fraction budget needs epochs= (the epochs of full training), got epochs=None")
+    if time_budget is not None:
+        if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) \
+                or not math.isfinite(time_budget) or time_budget <= 0:
+            raise ValueError(f"time_budget must be a positive number of seconds, got time_budget={time_budget!r}")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be a positive int, got epochs={epochs!r}")
+
+
+class Budget:
+    """How much training the budget allows and how much of it is spent.
+
+    Counters are this rank's: ``yielded`` indices handed out, ``trained`` rows through the
+    loss call (or ``skip``), ``loss_calls`` calls made, ``epoch_counts`` the samples each
+    drawn epoch selected.
+    """
+
+    def __init__(self, policy: Policy, budget: Optional[float], time_budget: Optional[float],
+                 epochs: Optional[int]) -> None:
+        check_budget(budget, time_budget, epochs)
+        if budget is not None and policy.keep != 1.0:
+            raise ValueError(f"keep={policy.keep} sets the share per epoch under a time budget; "
+                             f"with budget={budget} the share is the budget")
+        self.policy = policy
+        self.fraction = None if budget is None else float(budget)
+        self.seconds = None if time_budget is None else float(time_budget)
+        self.epochs_total = epochs
+        self.yielded = 0
+        self.trained = 0
+        self.loss_calls = 0
+        self.epoch_counts: List[int] = []
+        self._elapsed0 = 0.0           # seconds spent before this process (resume)
+        self._clock: Optional[float] = None
+        self._pace_t0: Optional[float] = None   # when this process first saw rows trained
+        self._pace_rows0 = 0
+
+    # ---- what the budget allows -------------------------------------------------------
+    @property
+    def time_mode(self) -> bool:
+        return self.seconds is not None
+
+    @property
+    def num_epochs(self) -> Optional[int]:
+        """Epochs the budget allows (None: a time budget without an epoch cap)."""
+        if self.time_mode:
+            return self.epochs_total
+        return self.policy.num_epochs(self.epochs_total, self.fraction)  # type: ignore[arg-type]
+
+    def past_end(self, epoch: int) -> bool:
+        """Whether ``epoch`` lies beyond the epochs the budget allows."""
+        cap = self.num_epochs
+        return cap is not None and epoch >= cap
+
+    def epoch_count(self, n: int) -> int:
+        """Samples an epoch selects before sharding: exact under a fraction budget; under a
+        time budget the policy's share, before the selection pass fits it to the time left."""
+        if self.time_mode:
+            return max(1, min(n, round_half_up(n * self.policy.time_share())))
+        return self.policy.count(n, self.fraction)  # type: ignore[arg-type]
+
+    # ---- the clock ----------------------------------------------------------------------
+    def start_clock(self) -> None:
+        if self._clock is None:
+            self._clock = now()
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds of the budget spent so far (across resumes)."""
+        return self._elapsed0 + (0.0 if self._clock is None else now() - self._clock)
+
+    def time_up(self, elapsed: Optional[float] = None) -> bool:
+        """Whether a time budget's seconds are spent (``elapsed``: the ranks' agreed figure)."""
+        if not self.time_mode:
+            return False
+        return (self.elapsed() if elapsed is None else elapsed) >= self.seconds  # type: ignore[operator]
+
+    def seconds_per_row(self) -> Optional[float]:
+        """Wall time per trained row in this process, measured from when rows were first
+        seen trained (None until more have been). Read on the host, never in a loss call,
+        which may be compiled."""
+        if self._pace_t0 is None:
+            if self.trained > 0:
+                self._pace_t0, self._pace_rows0 = now(), self.trained
+            return None
+        rows = self.trained - self._pace_rows0
+        return (now() - self._pace_t0) / rows if rows > 0 else None
+
+    def may_hand_out(self, outstanding: int) -> bool:
+        """Under a time budget: whether one more row can be handed out, given ``outstanding``
+        rows handed out and not yet trained (DataLoader workers prefetch them), so that the
+        loop ends within about one step of the deadline."""
+        if not self.time_mode:
+            return True
+        rate = self.seconds_per_row()
+        ahead = 0.0 if rate is None else outstanding * rate
+        return self.elapsed() + ahead < self.seconds  # type: ignore[operator]
+
+    # ---- spending ------------------------------------------------------------------------
+    def consumed(self, rows: int) -> None:
+        """A batch of ``rows`` went through the loss call."""
+        self.trained += rows
+        self.loss_calls += 1
+
+    def progress(self, shard_len: int) -> float:
+        """Share spent, in [0, 1]: by elapsed time, or by trained rows (handed-out ones in a
+        loop that never calls the loss) against ``shard_len`` times the epochs allowed."""
+        if self.time_mode:
+            return min(1.0, self.elapsed() / self.seconds)  # type: ignore[operator]
+        total = self.num_epochs * shard_len  # type: ignore[operator]
+        done = self.trained if self.loss_calls else self.yielded
+        return min(1.0, done / max(1, total))
+
+    # ---- checkpoint ------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {"yielded": self.yielded, "trained": self.trained, "loss_calls": self.loss_calls, "elapsed": self.elapsed(),
+                "epoch_counts": list(self.epoch_counts)}
+
+    @staticmethod
+    def check_state_dict(sd: Any) -> None:
+        """Refuse counters that are missing, negative or not numbers (naming the field)."""
+        if not isinstance(sd, dict):
+            raise ValueError(f"state_dict field 'counters' must be a dict, got {type(sd).__name__}")
+        for key in ("yielded", "trained", "loss_calls"):
+            v = sd.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"state_dict field 'counters.{key}' must be a non-negative int, got {v!r}")
+        for key in ("elapsed", "selection_time"):
+            v = sd.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"state_dict field 'counters.{key}' must be a finite number of "
+                                 f"seconds >= 0, got {v!r}")
+        counts = sd.get("epoch_counts")
+        if not isinstance(counts, list) or any(isinstance(c, bool) or not isinstance(c, int) or c < 0
+                                               for c in counts):
+            raise ValueError("state_dict field 'counters.epoch_counts' must be a list of "
+                             f"non-negative ints, got {counts!r}")
+        losses = sd.get("epoch_losses", [])
+        if not isinstance(losses, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                               for v in losses):
+            raise ValueError(f"state_dict field 'counters.epoch_losses' must be a list of numbers, got {losses!r}")
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.yielded, self.trained = int(sd["yielded"]), int(sd["trained"])
+        self.loss_calls = int(sd["loss_calls"])
+        self._elapsed0, self._clock = float(sd["elapsed"]), None
+        self._pace_t0, self._pace_rows0 = None, 0
+        self.epoch_counts = [int(c) for c in sd["epoch_counts"]]
