@@ -7,12 +7,13 @@ counters add up, and every rank ends with the same state, so it draws the same s
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .state import ERR_INDEX_COUNT, ERR_INDEX_VALUE, ERR_LABEL_COUNT, ERR_LABEL_VALUE, SampleState
+from .state import (ERR_INDEX_COUNT, ERR_INDEX_VALUE, ERR_LABEL_COUNT, ERR_LABEL_VALUE, SampleState,
+                    check_errors, check_fields, check_int, check_stats, check_tensor, check_values)
 
 
 def world(num_replicas: Optional[int], rank: Optional[int]) -> Tuple[int, int]:
@@ -55,13 +56,32 @@ class StateSync:
         self.mark = int(mark)
 
     def state_dict(self) -> Dict[str, object]:
-        return {"seen0": self.seen0.cpu(), "stats0": self.stats0.cpu(),
-                "errors0": self.errors0.cpu(), "mark": self.mark}
+        # Copies: ``.cpu()`` of a CPU tensor is the tensor itself, and ``stats0`` is written
+        # in place at each selection pass.
+        return {"seen0": self.seen0.detach().cpu().clone(), "stats0": self.stats0.detach().cpu().clone(),
+                "errors0": self.errors0.detach().cpu().clone(), "mark": self.mark}
+
+    _KEYS = ("seen0", "stats0", "errors0", "mark")
+
+    @staticmethod
+    def check_state_dict(sd: Any, n: int) -> None:
+        """Raise a ValueError naming the field (``sync.seen0``, ...) unless ``sd`` is a
+        ``state_dict()`` for N = ``n`` samples: every field present, of the right dtype and
+        shape, finite, counts >= 0 and ``mark`` an int >= 0. Changes nothing."""
+        check_fields(sd, StateSync._KEYS, "sync")
+        seen0 = check_tensor("sync.seen0", sd["seen0"], torch.int32, (n,))
+        check_values("sync.seen0", seen0, lo=0)
+        check_stats("sync.stats0", sd["stats0"])
+        check_errors("sync.errors0", sd["errors0"])
+        check_int("sync.mark", sd["mark"], lo=0)
 
     def load_state_dict(self, sd: Dict[str, object], device: torch.device) -> None:
-        self.seen0 = sd["seen0"].to(device)  # type: ignore[union-attr]
-        self.stats0 = sd["stats0"].to(device)  # type: ignore[union-attr]
-        self.errors0 = sd["errors0"].to(device)  # type: ignore[union-attr]
+        """Check ``sd`` (as ``check_state_dict``), then take copies of its tensors on
+        ``device``: the baseline never shares a tensor with ``sd``."""
+        self.check_state_dict(sd, int(self.seen0.numel()))
+        self.seen0, self.stats0, self.errors0 = (
+            sd[k].detach().to(device=device, copy=True)  # type: ignore[union-attr]
+            for k in ("seen0", "stats0", "errors0"))
         self.mark = int(sd["mark"])  # type: ignore[arg-type]
 
     def to(self, device: torch.device) -> None:

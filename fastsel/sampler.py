@@ -9,6 +9,7 @@ epoch's selection reads that state. The budget's accounting is fastsel.budget's.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sized, Union
 
@@ -123,14 +124,14 @@ class Sampler(torch.utils.data.Sampler[int]):
         n = int(data) if isinstance(data, int) else len(data)  # type: ignore[arg-type]
         if n < 1:
             raise ValueError(f"the dataset must have at least one sample, got N={n}")
-        if not _is_int(seed):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got seed={seed!r} ({type(seed).__name__}): "
                             "pass e.g. seed=0")
         check_backend_name(backend)
         self.n = n
         self.policy = make_policy(policy, **policy_kwargs)
         self.budget = Budget(self.policy, budget, time_budget, epochs)
-        self.seed = seed
+        self.seed = int(seed)
         self.backend_name = backend
         self.cfg = LossConfig(ignore_index=ignore_index, label_smoothing=label_smoothing,
                               class_weight=class_weight, reduction=reduction, ema=ema)
@@ -140,7 +141,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         self.shard = Shard(world_size, rank, drop_last)
         self.state = SampleState(n, self._fixed_device or "cpu")
         self._sync = StateSync(self.state, world_size, rank) if world_size > 1 else None
-        self._passes = SelectionPass(self.state, self.policy, self.budget, self._sync, seed)
+        self._passes = SelectionPass(self.state, self.policy, self.budget, self._sync, self.seed)
         self._rows = EpochRows(n)
         self._backend: Optional[Any] = None
         self._backend_device: Optional[torch.device] = None
@@ -496,6 +497,7 @@ class Sampler(torch.utils.data.Sampler[int]):
             raise ValueError(f"state_dict field 'generator' must be a torch.Generator state "
                              f"({ref.dtype} tensor of shape {tuple(ref.shape)})")
         self.state.check_state_dict(sd["state"])
+        self.policy.check_state_dict(sd["policy_state"])
         if self._sync is not None and sd["sync"] is not None:
             self._sync.check_state_dict(sd["sync"], self.n)
         self.budget.check_state_dict(sd["counters"])
@@ -504,7 +506,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         """Restore a ``state_dict``. Every field is checked before anything is written (a
         bad one is refused, naming it, and nothing changes); no tensor is shared with ``sd``."""
         self._check_state_dict(sd)
-        self.policy.load_state_dict(sd["policy_state"])   # checks its own fields first
+        self.policy.load_state_dict(sd["policy_state"])
         self.state.load_state_dict(sd["state"])
         self._passes.generator.set_state(sd["generator"].clone())
         if self._sync is not None and sd["sync"] is not None:

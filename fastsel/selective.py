@@ -22,6 +22,7 @@ from .batch_policies import BatchPolicy, batch_topk, make_batch_policy
 from .batch_policies.base import TopK
 from .distributed import agree_min
 from .sampler import Sampler
+from .state import check_int, check_keys, check_real, check_tensor, check_values, refuse, require
 from .summary import Summary
 
 _FORMAT = 1
@@ -215,13 +216,20 @@ class SelectiveStep:
     def _record_last(self, idx: Optional[torch.Tensor], losses: torch.Tensor) -> None:
         if not self.policy.needs_last_loss or idx is None:
             return
-        if self._last_loss is None or self._last_loss.device != losses.device:
+        if self._last_loss is None:
             n = int(self.num_samples)  # type: ignore[arg-type]
             self._last_loss = torch.zeros(n, dtype=torch.float32, device=losses.device)
             self._known = torch.zeros(n, dtype=torch.bool, device=losses.device)
+        elif self._last_loss.device != losses.device:   # e.g. loaded on another device
+            self._last_loss = self._last_loss.to(losses.device)
+            self._known = self._known.to(losses.device)  # type: ignore[union-attr]
         i = idx.to(device=losses.device, dtype=torch.int64)
-        self._last_loss.index_copy_(0, i, losses.detach().float())
-        self._known.index_fill_(0, i, True)  # type: ignore[union-attr]
+        loss = losses.detach().float()
+        # A NaN/inf loss is no usable last loss: the sample counts as unknown, so always kept
+        # (as the CDF of 1 of a NaN or +inf loss kept it) and the saved last losses are finite.
+        finite = torch.isfinite(loss)
+        self._last_loss.index_copy_(0, i, torch.where(finite, loss, torch.zeros_like(loss)))
+        self._known.index_copy_(0, i, finite)  # type: ignore[union-attr]
 
     def last_losses(self, idx: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(each sample's last recorded loss, whether it has one) for StaleSB."""
@@ -504,34 +512,114 @@ class SelectiveStep:
                 "known": None if self._known is None else self._known.cpu().clone(),
                 "pending": pend}
 
-    def _pending_rows(self, pend: Any) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """Saved pending rows, checked, on the model's device."""
+    def _device(self) -> Optional[torch.device]:
+        """The model's device (None for a model without parameters)."""
+        param = next(self.model.parameters(), None)
+        return None if param is None else param.device
+
+    def _pending_rows(self, pend: Any, load: bool = True
+                      ) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """Saved pending rows, checked, then (``load``) copied onto the model's device."""
         if pend is None:
             return []
+        if not isinstance(pend, dict):
+            raise refuse("pending", f"must be None or a dict of x, y, idx, got {type(pend).__name__}")
+        for key in ("x", "y", "idx"):
+            require(pend, key, "pending")
+        check_keys(pend, ("x", "y", "idx"), "pending")
         x, y, ids = pend["x"], pend["y"], pend["idx"]
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise refuse("pending.x", f"must be a tensor of rows, got {type(x).__name__}")
+        for name, t in (("y", y), ("idx", ids)):
+            if t is None and name == "idx":
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
+                raise refuse(f"pending.{name}", f"must be a 1-D int64/int32 tensor, got "
+                                                f"{getattr(t, 'dtype', type(t).__name__)} "
+                                                f"{tuple(getattr(t, 'shape', ()))}")
         rows = int(x.shape[0])
         if int(y.shape[0]) != rows or (ids is not None and int(ids.shape[0]) != rows):
             raise ValueError(f"pending rows disagree: {rows} inputs, {int(y.shape[0])} labels, "
                              f"{None if ids is None else int(ids.shape[0])} indices")
-        param = next(self.model.parameters(), None)
-        dev = param.device if param is not None else x.device
-        return [(x.to(dev), y.to(dev), None if ids is None else ids.to(dev))]
+        if rows == 0:
+            raise refuse("pending", "holds no rows: it must be None when nothing is pending")
+        if ids is not None and self.num_samples is not None:
+            check_values("pending.idx", ids, lo=0, hi=self.num_samples - 1)
+        if not load:
+            return []
+        dev = self._device() or x.device
+        return [(x.detach().to(dev, copy=True), y.detach().to(dev, copy=True),
+                 None if ids is None else ids.detach().to(dev, copy=True))]
 
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+    def _last_loss_state(self, sd: Dict[str, Any], load: bool = True
+                         ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """StaleSB's saved (last loss, known), checked, then (``load``) copied onto the
+        model's device."""
+        last, known = sd["last_loss"], sd["known"]
+        if (last is None) != (known is None):
+            raise refuse("last_loss" if last is None else "known",
+                         "is None but " + ("known" if last is None else "last_loss") + " is not: "
+                         "both are saved together")
+        if last is None:
+            return None, None
+        if self.num_samples is None:
+            raise refuse("last_loss", "is saved, but this step has no num_samples= to hold it")
+        n = int(self.num_samples)
+        check_tensor("last_loss", last, torch.float32, (n,))
+        check_values("last_loss", last, finite=True)
+        check_tensor("known", known, torch.bool, (n,))
+        if not load:
+            return None, None
+        dev = self._device() or last.device
+        return last.detach().to(dev, copy=True), known.detach().to(dev, copy=True)
+
+    _KEYS = ("format", "config", "own_epoch", "counts", "times", "policy", "batch_size",
+             "last_loss", "known", "pending")
+
+    def check_state_dict(self, sd: Any) -> None:
+        """Raise a ValueError naming the field unless ``sd`` is a ``state_dict()`` of a step
+        with this policy: every field present, of the right type and shape, counters >= 0,
+        times finite, StaleSB's last losses finite; the policy's own state checked too.
+        Changes nothing."""
         if not isinstance(sd, dict) or sd.get("format") != _FORMAT:
             raise ValueError(f"not a fastsel SelectiveStep state_dict of format {_FORMAT}")
+        for key in self._KEYS:
+            if key != "pending":   # older checkpoints had none
+                require(sd, key)
+        check_keys(sd, self._KEYS, "")
         if sd["config"] != self.policy.config():
             raise ValueError(f"state_dict is for policy {sd['config']}, this step has "
                              f"{self.policy.config()}")
+        check_int("own_epoch", sd["own_epoch"], lo=0)
+        for field, table in (("counts", self.counts), ("times", self.times)):
+            d = sd[field]
+            if not isinstance(d, dict):
+                raise refuse(field, f"must be a dict, got {type(d).__name__}")
+            check_keys(d, tuple(table), field)
+            for k, v in d.items():
+                if field == "counts":
+                    check_int(f"counts.{k}", v, lo=0)
+                else:
+                    check_real(f"times.{k}", v, lo=0.0)
+        if sd["batch_size"] is not None:
+            check_int("batch_size", sd["batch_size"], lo=1)
+        self._last_loss_state(sd, load=False)
+        self._pending_rows(sd.get("pending"), load=False)
+        self.policy.check_state_dict(sd["policy"])
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        """Check every field first (``check_state_dict``: a bad one raises and nothing
+        changes), then restore copies: the step never shares a tensor with ``sd``."""
+        self.check_state_dict(sd)
         pend = self._pending_rows(sd.get("pending"))
+        last, known = self._last_loss_state(sd)
         self.policy.load_state_dict(sd["policy"])
         self._pend, self._pending = pend, sum(int(p[0].shape[0]) for p in pend)
         self._own_epoch = int(sd["own_epoch"])
-        self.counts.update(sd["counts"])
-        self.times.update(sd["times"])
-        self.batch_size = sd["batch_size"]
-        self._last_loss = sd["last_loss"]
-        self._known = sd["known"]
+        self.counts.update({k: int(v) for k, v in sd["counts"].items()})
+        self.times.update({k: float(v) for k, v in sd["times"].items()})
+        self.batch_size = None if sd["batch_size"] is None else int(sd["batch_size"])
+        self._last_loss, self._known = last, known
 
     def close(self) -> None:
         """Remove the policy's hooks from the model (SIFT's exit hook)."""

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import torch
 
+from ..state import check_keys, refuse
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..selective import SelectiveStep
 
@@ -105,7 +107,17 @@ class BatchPolicy:
         return {"name": self.name}
 
     def state_dict(self) -> Dict[str, Any]:
+        """The policy's state (tensors, numbers, lists: loadable with weights_only=True)."""
         return {}
 
+    def check_state_dict(self, sd: Any) -> None:
+        """Raise a ValueError naming the field unless ``sd`` is a ``state_dict()`` of this
+        policy; changes nothing. Subclasses with state extend it."""
+        if not isinstance(sd, dict):
+            raise refuse("policy", f"must be a dict, got {type(sd).__name__}")
+        if type(self).state_dict is BatchPolicy.state_dict:   # a stateless policy saves {}
+            check_keys(sd, (), "policy")
+
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        pass
+        """Check ``sd`` first (``check_state_dict``), then restore it."""
+        self.check_state_dict(sd)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 
+from ..state import check_fields, check_real
 from .base import BatchPolicy, check_keep, round_half_up
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,6 +109,14 @@ class OrderedSGD(BatchPolicy):
     def state_dict(self) -> Dict[str, Any]:
         return {"factor": self.factor, "last_accuracy": self.last_accuracy}
 
+    def check_state_dict(self, sd: Any) -> None:
+        super().check_state_dict(sd)
+        check_fields(sd, ("factor", "last_accuracy"), "policy")
+        check_real("policy.factor", sd["factor"], lo=0.0, hi=1.0, lo_open=True)
+        if sd["last_accuracy"] is not None:
+            check_real("policy.last_accuracy", sd["last_accuracy"], lo=0.0, hi=1.0)
+
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.check_state_dict(sd)
         self.factor = float(sd["factor"])
-        self.last_accuracy = sd["last_accuracy"]
+        self.last_accuracy = None if sd["last_accuracy"] is None else float(sd["last_accuracy"])

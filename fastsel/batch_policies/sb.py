@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import torch
 
 from .. import rng
+from ..state import check_fields, check_int, check_tensor, refuse
 from .base import BatchPolicy, check_keep
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,11 +52,29 @@ class LossHistory:
         return {"size": self.size, "pos": self.pos, "filled": self.filled,
                 "buf": None if self.buf is None else self.buf.detach().cpu().clone()}
 
+    _KEYS = ("size", "pos", "filled", "buf")
+
+    def check_state_dict(self, sd: Any, where: str = "policy.history") -> None:
+        """Raise a ValueError naming the field unless ``sd`` is a ``state_dict()`` of a
+        history of this size; changes nothing. The buffer may hold non-finite losses (an
+        fp16 overflow is pushed as it came), so only its dtype and shape are checked."""
+        check_fields(sd, self._KEYS, where)
+        size = check_int(f"{where}.size", sd["size"], lo=1)
+        if size != self.size:
+            raise ValueError(f"history state is for R={size}, this policy has R={self.size}")
+        check_int(f"{where}.pos", sd["pos"], lo=0, hi=self.size - 1)
+        filled = check_int(f"{where}.filled", sd["filled"], lo=0, hi=self.size)
+        if sd["buf"] is None:
+            if filled:
+                raise refuse(f"{where}.buf", f"is None but {where}.filled={filled} losses are recorded")
+        else:
+            check_tensor(f"{where}.buf", sd["buf"], torch.float32, (self.size,))
+
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        if int(sd["size"]) != self.size:
-            raise ValueError(f"history state is for R={sd['size']}, this policy has R={self.size}")
+        """Check ``sd`` first, then restore a copy of it (never the caller's tensor)."""
+        self.check_state_dict(sd)
         self.pos, self.filled = int(sd["pos"]), int(sd["filled"])
-        self.buf = None if sd["buf"] is None else sd["buf"].clone()
+        self.buf = None if sd["buf"] is None else sd["buf"].detach().clone()
 
 
 class SelectiveBackprop(BatchPolicy):
@@ -189,7 +208,15 @@ class SelectiveBackprop(BatchPolicy):
         return {"history": self.history.state_dict(), "draws": self.draws,
                 "stale_batches": self.stale_batches}
 
+    def check_state_dict(self, sd: Any) -> None:
+        super().check_state_dict(sd)
+        check_fields(sd, ("history", "draws", "stale_batches"), "policy")
+        self.history.check_state_dict(sd["history"])
+        check_int("policy.draws", sd["draws"], lo=0)
+        check_int("policy.stale_batches", sd["stale_batches"], lo=0)
+
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.check_state_dict(sd)
         self.history.load_state_dict(sd["history"])
         self.draws = int(sd["draws"])
         self.stale_batches = int(sd["stale_batches"])

@@ -3,6 +3,7 @@ Sampling with Approximate Losses", arXiv 2402.07052; seeds 003/004): approximate
 from an early exit pick the rows of each mini-batch that get the full forward/backward."""
 from __future__ import annotations
 
+import copy
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..state import check_fields, check_int, check_real, refuse
 from .base import BatchPolicy, check_keep, round_half_up, spearman
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,7 +156,7 @@ class SIFT(BatchPolicy):
                                f"so SIFT's exit saw nothing; name a module the forward calls")
         return logits
 
-    def _build_head(self, d: int, c: int, device: torch.device) -> None:
+    def _new_head(self, d: int, c: int, device: torch.device) -> Tuple[nn.Sequential, torch.optim.Optimizer]:
         # Pooled early features have tiny, uneven scales; a parameter-free standardisation
         # (BatchNorm without affine) lets the linear head learn at a plain learning rate.
         g = torch.Generator().manual_seed(0x51F7)
@@ -163,8 +165,11 @@ class SIFT(BatchPolicy):
             bound = 1.0 / d ** 0.5
             lin.weight.uniform_(-bound, bound, generator=g)
             lin.bias.uniform_(-bound, bound, generator=g)
-        self.head = nn.Sequential(nn.BatchNorm1d(d, affine=False), lin).to(device)
-        self.head_opt = torch.optim.Adam(self.head.parameters(), lr=self.exit_lr)
+        head = nn.Sequential(nn.BatchNorm1d(d, affine=False), lin).to(device)
+        return head, torch.optim.Adam(head.parameters(), lr=self.exit_lr)
+
+    def _build_head(self, d: int, c: int, device: torch.device) -> None:
+        self.head, self.head_opt = self._new_head(d, c, device)
 
     # ---- the step ---------------------------------------------------------------------
     def approximate(self, step: "SelectiveStep", x: torch.Tensor, y: torch.Tensor,
@@ -244,14 +249,56 @@ class SIFT(BatchPolicy):
                 "steps": self.steps, "exit_time": self.exit_time,
                 "correlations": list(self.correlations)}
 
+    def _loaded_head(self, sd: Dict[str, Any]
+                     ) -> Optional[Tuple[nn.Sequential, torch.optim.Optimizer]]:
+        """A new exit head and its optimizer holding copies of ``sd``'s (None if ``sd`` has
+        none), or a ValueError naming the field that does not fit; touches nothing here."""
+        if sd["head"] is None:
+            for key in ("head_opt", "shape"):
+                if sd[key] is not None:
+                    raise refuse(f"policy.{key}", "must be None when policy.head is None")
+            return None
+        shape = sd["shape"]
+        if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+            raise refuse("policy.shape", f"must be (features, classes) of the exit head, got {shape!r}")
+        d = check_int("policy.shape[0]", shape[0], lo=1)
+        c = check_int("policy.shape[1]", shape[1], lo=1)
+        if self.num_classes is not None and c != self.num_classes:
+            raise refuse("policy.shape", f"is for an exit head of {c} classes, this policy has "
+                                         f"num_classes={self.num_classes}")
+        for key in ("head", "head_opt"):
+            if not isinstance(sd[key], dict):
+                raise refuse(f"policy.{key}", f"must be a state_dict (a dict), got {type(sd[key]).__name__}")
+        p = next(self._model.parameters(), None) if self._model is not None else None
+        dev = p.device if p is not None else torch.device("cpu")
+        head, opt = self._new_head(d, c, dev)
+        try:
+            head.load_state_dict(sd["head"])   # copies into the new head's own tensors
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise refuse("policy.head", f"does not fit an exit head of shape {(d, c)}: {e}") from None
+        try:
+            # The optimizer keeps the tensors it is given when device and dtype match: copies.
+            opt.load_state_dict(copy.deepcopy(sd["head_opt"]))
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+            raise refuse("policy.head_opt", f"does not fit the exit head's Adam optimizer: {e}") from None
+        return head, opt
+
+    def check_state_dict(self, sd: Any) -> None:
+        super().check_state_dict(sd)
+        check_fields(sd, ("head", "head_opt", "shape", "steps", "exit_time", "correlations"), "policy")
+        check_int("policy.steps", sd["steps"], lo=0)
+        check_real("policy.exit_time", sd["exit_time"], lo=0.0)
+        corr = sd["correlations"]
+        if not isinstance(corr, (list, tuple)):
+            raise refuse("policy.correlations", f"must be a list of numbers, got {type(corr).__name__}")
+        for i, v in enumerate(corr):
+            check_real(f"policy.correlations[{i}]", v, allow_nan=True)  # NaN: a constant batch
+        self._loaded_head(sd)
+
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        if sd["head"] is not None:
-            d, c = sd["shape"]
-            p = next(self._model.parameters(), None) if self._model is not None else None
-            dev = p.device if p is not None else torch.device("cpu")
-            self._build_head(int(d), int(c), dev)
-            self.head.load_state_dict(sd["head"])  # type: ignore[union-attr]
-            self.head_opt.load_state_dict(sd["head_opt"])  # type: ignore[union-attr]
+        self.check_state_dict(sd)
+        loaded = self._loaded_head(sd)
+        self.head, self.head_opt = (None, None) if loaded is None else loaded
         self.steps = int(sd["steps"])
         self.exit_time = float(sd["exit_time"])
-        self.correlations = list(sd["correlations"])
+        self.correlations = [float(v) for v in sd["correlations"]]

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import rng
-from ..state import SampleState
+from ..state import SampleState, check_keys, refuse
 
 
 def round_half_up(x: float) -> int:
@@ -101,7 +101,17 @@ class Policy:
         return {"name": self.name, "keep": self.keep}
 
     def state_dict(self) -> Dict[str, Any]:
+        """The policy's adaptive state (plain numbers: loadable with weights_only=True)."""
         return {}
 
+    def check_state_dict(self, sd: Any) -> None:
+        """Raise a ValueError naming the field unless ``sd`` is a ``state_dict()`` of this
+        policy; changes nothing. Subclasses with state extend it."""
+        if not isinstance(sd, dict):
+            raise refuse("policy_state", f"must be a dict, got {type(sd).__name__}")
+        if type(self).state_dict is Policy.state_dict:   # a stateless policy saves {}
+            check_keys(sd, (), "policy_state")
+
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        pass
+        """Check ``sd`` first (``check_state_dict``), then restore it."""
+        self.check_state_dict(sd)

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import rng
-from ..state import SampleState
+from ..state import SampleState, check_fields, check_real
 from .base import Policy, Selection, SelectionContext, round_half_up
 
 
@@ -107,7 +107,16 @@ class TFTB(Policy):
     def state_dict(self) -> Dict[str, Any]:
         return {"alpha": self.alpha, "explore": self.explore, "prev_loss": self._prev_loss}
 
+    def check_state_dict(self, sd: Any) -> None:
+        super().check_state_dict(sd)
+        check_fields(sd, ("alpha", "explore", "prev_loss"), "policy_state")
+        check_real("policy_state.alpha", sd["alpha"], lo=0.0, hi=1.0, hi_open=True)
+        check_real("policy_state.explore", sd["explore"], lo=0.0, hi=1.0)
+        if sd["prev_loss"] is not None:
+            check_real("policy_state.prev_loss", sd["prev_loss"])
+
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.check_state_dict(sd)
         self.alpha = float(sd["alpha"])
         self.explore = float(sd["explore"])
-        self._prev_loss = sd["prev_loss"]
+        self._prev_loss = None if sd["prev_loss"] is None else float(sd["prev_loss"])
