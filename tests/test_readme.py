@@ -53,3 +53,20 @@ def test_readme_loss_examples_run(tmp_path, monkeypatch):
         s = scope["sampler"]
         assert s.summary()["passes"] == s.summary()["passes_full_training"] // 2
         assert int((s.state.seen > 0).sum()) > 0
+
+
+def test_readme_evaluation_with_update_false_runs(tmp_path, monkeypatch):
+    """The contract's evaluation snippet, after the first example: it counts nothing."""
+    import textwrap
+    import torch
+    blocks = python_blocks()
+    snippet = textwrap.dedent(next(b for b in blocks if "update=False)   # counts nothing" in b))
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    s = scope["sampler"]
+    before = (s.position, s.summary()["passes"], s.state.seen.clone())
+    scope.update(xv=scope["x"][:50], yv=scope["y"][:50], iv=torch.arange(50))
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert torch.isfinite(scope["val_loss"])
+    assert (s.position, s.summary()["passes"]) == before[:2] and torch.equal(s.state.seen, before[2])
