@@ -234,15 +234,22 @@ class Sampler(torch.utils.data.Sampler[int]):
             yield e
             e = self.epoch + 1
 
-    def __iter__(self) -> Iterator[int]:
+    def _start_iteration(self, trained_is_done: bool = False) -> bool:
+        """What starting to iterate means (DataLoader's ``iter`` and FFCV's order alike): the
+        clock runs, an epoch whose iterator ran out (or, with ``trained_is_done``, whose rows
+        were all trained) moves on to the next, and its selection is drawn; False, drawing
+        nothing, once the budget is spent."""
         self.budget.start_clock()
-        if self._next_epoch() != self.epoch:
+        if self._epoch_done() and (self._exhausted or trained_is_done):
             self.set_epoch(self.epoch + 1)
         if self._spent():
             self._exhausted = True
-            return iter(())
+            return False
         self._ensure_selection()
-        return _EpochIterator(self)
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        return _EpochIterator(self) if self._start_iteration() else iter(())
 
     def __len__(self) -> int:
         """This rank's whole epoch length (also after a mid-epoch resume); 0 past the budget.

@@ -112,7 +112,9 @@ def test_report_rerenders_and_refuses_a_folder_without_results(tmp_path, capsys)
     assert main(["report", out]) == 0
     assert "| policy |" in capsys.readouterr().out
     assert_report(out)
-    assert main(["report", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path)])
+    assert e.value.code == 2
     assert "no results.json" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):
         write_report(str(tmp_path / "missing"))
@@ -127,7 +129,9 @@ def test_bench_measures_every_available_backend(tmp_path, capsys):
     out = str(tmp_path / "b.json")
     assert main(["bench", "--backends", "reference", "--out", out]) == 0
     assert json.load(open(out))["results"]
-    assert main(["bench", "--backends", "bogus"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--backends", "bogus"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -148,6 +152,178 @@ def test_bad_arguments_are_refused(capsys, argv, msg):
         build_parser().parse_args(argv)
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
+
+
+# Every argument error of every subcommand, through main() as the console script runs it:
+# (argv, the argument the error line must name). {file}: an existing file; {dir}: an empty
+# folder; {missing}: a path that does not exist; {classes}: a folder with a class sub-folder
+# but no images; {badjson}/{noruns}: folders whose results.json is not JSON / has no runs.
+BAD_ARGUMENTS = [
+    (["run", "--budget", "0"], "--budget"),
+    (["run", "--budget", "x"], "--budget"),
+    (["run", "--budget", "nan"], "--budget"),
+    (["run", "--budget"], "--budget"),
+    (["run", "--epochs", "0"], "--epochs"),
+    (["run", "--epochs", "2.5"], "--epochs"),
+    (["run", "--seeds", "-1"], "--seeds"),
+    (["run", "--batch-size", "0"], "--batch-size"),
+    (["run", "--lr", "0"], "--lr"),
+    (["run", "--lr", "-0.1"], "--lr"),
+    (["run", "--lr", "nan"], "--lr"),
+    (["run", "--lr", "inf"], "--lr"),
+    (["run", "--lr", "fast"], "--lr"),
+    (["run", "--backend", "bogus"], "--backend"),
+    (["run", "--backend", "cuda"], "--backend"),  # training runs on the CPU: never there
+    (["run", "--policies", "uniform,bogus"], "--policies"),
+    (["run", "--policies", ","], "--policies"),
+    (["run", "--out", "{file}"], "--out"),
+    (["run", "--out", "{file}/results"], "--out"),
+    (["run", "--budgets", "0.3"], "--budgets"),  # compare's option
+    (["compare", "--backend", "bogus"], "--backend"),
+    (["compare", "--backend", "cuda"], "--backend"),
+    (["compare", "--backend", ""], "--backend"),
+    (["compare", "--lr", "-1"], "--lr"),
+    (["compare", "--dataset", "cifar"], "--dataset"),
+    (["compare", "--dataset", "folder:"], "--dataset"),
+    (["compare", "--dataset", "folder:{missing}"], "--dataset"),
+    (["compare", "--dataset", "folder:{file}"], "--dataset"),
+    (["compare", "--dataset", "folder:{dir}"], "--dataset"),      # no class sub-folders
+    (["compare", "--dataset", "folder:{classes}"], "--dataset"),  # no images
+    (["compare", "--dataset", "beton:"], "--dataset"),
+    (["compare", "--dataset", "beton:{missing}"], "--dataset"),
+    (["compare", "--dataset", "beton:{file},{missing}"], "--dataset"),
+    (["compare", "--dataset", "beton:{file},{file},{file}"], "--dataset"),
+    (["compare", "--dataset", "beton:{dir}"], "--dataset"),
+    (["compare", "--budgets", "0.2,2"], "--budgets"),
+    (["compare", "--budgets", ""], "--budgets"),
+    (["compare", "--budgets", "0.2,x"], "--budgets"),
+    (["compare", "--time-budget", "0"], "--time-budget"),
+    (["compare", "--time-budget", "inf"], "--time-budget"),
+    (["compare", "--time-budget", "nan"], "--time-budget"),
+    (["compare", "--time-budget", "1", "--budgets", "0.3"], "--time-budget"),
+    (["compare", "--n-train", "0"], "--n-train"),
+    (["compare", "--dataset", "synthetic", "--n-train", "5"], "--n-train"),
+    (["compare", "--n-test", "0"], "--n-test"),
+    (["compare", "--label-noise", "1"], "--label-noise"),
+    (["compare", "--label-noise", "-0.1"], "--label-noise"),
+    (["compare", "--imbalance", "0"], "--imbalance"),
+    (["compare", "--imbalance", "2"], "--imbalance"),
+    (["compare", "--image-size", "1"], "--image-size"),
+    (["compare", "--seeds", "0"], "--seeds"),
+    (["compare", "--out", "{file}"], "--out"),
+    (["compare", "extra"], "extra"),
+    (["bench", "--device", "tpu"], "--device"),
+    (["bench", "--device", "cuda:99"], "--device"),
+    (["bench", "--device", "cuda:x"], "--device"),
+    (["bench", "--backends", "bogus"], "--backends"),
+    (["bench", "--backends", "reference,bogus"], "--backends"),
+    (["bench", "--backends", ","], "--backends"),
+    (["bench", "--backends", "auto"], "--backends"),
+    (["bench", "--backends", "cuda"], "--backends"),  # not built here, or not on the CPU
+    (["bench", "--min-run-time", "0"], "--min-run-time"),
+    (["bench", "--out", "{dir}"], "--out"),
+    (["bench", "--out", "{file}/b.json"], "--out"),
+    (["bench", "--full", "--loss-only"], "--full"),
+    (["bench", "--backend", "reference", "--lr", "1"], "--lr"),
+    (["report"], "results_dir"),
+    (["report", "{missing}"], "results_dir"),
+    (["report", "{file}"], "results_dir"),
+    (["report", "{dir}"], "results_dir"),
+    (["report", "{badjson}"], "results_dir"),
+    (["report", "{noruns}"], "results_dir"),
+    (["report", "{noruns}", "{noruns}"], "unrecognized arguments"),
+    (["backends", "--all"], "--all"),
+    (["frobnicate"], "COMMAND"),
+    ([], "COMMAND"),
+]
+
+
+@pytest.fixture
+def paths(tmp_path):
+    p = {"file": tmp_path / "a_file", "dir": tmp_path / "empty", "missing": tmp_path / "missing",
+         "classes": tmp_path / "classes", "badjson": tmp_path / "badjson", "noruns": tmp_path / "noruns"}
+    p["file"].write_text("not a folder")
+    for d in ("dir", "badjson", "noruns"):
+        p[d].mkdir()
+    (p["classes"] / "cat").mkdir(parents=True)
+    (p["badjson"] / "results.json").write_text("{not json")
+    (p["noruns"] / "results.json").write_text(json.dumps({"meta": {}, "runs": []}))
+    return {k: str(v) for k, v in p.items()}
+
+
+def assert_argument_error(err, command, argument):
+    """argparse's format and nothing else: the usage (which argparse may wrap over several
+    lines), then one ``fastsel <command>: error: ...`` line naming the argument."""
+    assert "Traceback" not in err
+    lines = err.rstrip("\n").split("\n")
+    prog = "fastsel " + command if command in ("run", "compare", "bench", "report", "backends") else "fastsel"
+    assert lines[0].startswith("usage: " + prog), err
+    assert all(l.startswith(" ") for l in lines[1:-1]), err  # usage continuation lines only
+    assert lines[-1].startswith(prog + ": error: "), err
+    assert argument in lines[-1], err
+
+
+@pytest.mark.parametrize("argv,argument", BAD_ARGUMENTS, ids=[" ".join(a) or "(none)" for a, _ in BAD_ARGUMENTS])
+def test_every_argument_error_is_one_error_line_and_exit_2(paths, capsys, monkeypatch, argv, argument):
+    argv = [a.format(**paths) for a in argv]
+    for mod, name in ((compare, "run"), (bench, "run_all"), (bench, "run_loss_cost")):  # refused before work
+        monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail(f"{argv} was accepted"))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert_argument_error(err, argv[0] if argv else "", argument)
+
+
+def test_a_bad_backend_is_refused_before_any_training(monkeypatch, capsys):
+    from fastsel import train
+    monkeypatch.setattr(train, "train_one", lambda *a, **k: pytest.fail("trained with a bad --backend"))
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--backend", "bogus", "--epochs", "1", "--seeds", "1", "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert_argument_error(err, "compare", "--backend")
+    assert "'bogus'" in err and "reference" in err  # names the bad value and the good ones
+
+
+def test_a_combination_the_sampler_refuses_is_an_argument_error(monkeypatch, capsys, tmp_path):
+    """Every run's Sampler is built before training: its ValueError becomes the error line."""
+    from fastsel import train
+    real = train.make_sampler
+
+    def refuse_tftb(spec, data):
+        if spec.policy == "tftb":
+            raise ValueError("tftb refuses\nthis budget")  # a two-line message becomes one line
+        return real(spec, data)
+    monkeypatch.setattr(train, "make_sampler", refuse_tftb)
+    monkeypatch.setattr(compare, "run", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--policies", "uniform,tftb", "--out", str(tmp_path / "r")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert_argument_error(err, "run", "--policies")
+    assert "tftb refuses this budget" in err
+
+
+def test_errors_after_the_checks_are_not_swallowed(monkeypatch, tmp_path):
+    """Only argument checking turns into exit 2: a failure while training or timing keeps its
+    traceback (``bench`` used to report any ValueError or RuntimeError as a bad argument)."""
+    def boom(*a, **k):
+        raise RuntimeError("a genuine bug")
+    monkeypatch.setattr(compare, "run", boom)
+    with pytest.raises(RuntimeError, match="genuine bug"):
+        main(["run", "--epochs", "1", "--seeds", "1", "--policies", "uniform", "--out", str(tmp_path / "r")])
+    monkeypatch.setattr(bench, "run_loss_cost", lambda *a, **k: (_ for _ in ()).throw(ValueError("bug")))
+    with pytest.raises(ValueError, match="bug"):
+        main(["bench", "--backends", "reference", "--loss-only", "--min-run-time", "0.001"])
+
+
+def test_console_script_argument_error_has_no_traceback():
+    r = subprocess.run([sys.executable, "-m", "fastsel", "compare", "--backend", "bogus"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert_argument_error(r.stderr, "compare", "--backend")
 
 
 def test_help_and_python_dash_m():
