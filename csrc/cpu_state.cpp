@@ -8,12 +8,26 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "layout.h"
 #include "ops.h"
 
 namespace fastsel {
+
+namespace {
+
+constexpr float kStateMax = std::numeric_limits<float>::max();  // fastsel.layout.STATE_MAX
+
+// x as float, a finite value beyond float's range clamped to +-kStateMax instead of
+// rounding to inf; NaN and +-inf stay as they are (fastsel/state.py: finite in, finite state).
+inline float saturate(double x) {
+  const double big = static_cast<double>(kStateMax);
+  return static_cast<float>(std::isfinite(x) ? std::clamp(x, -big, big) : x);
+}
+
+}  // namespace
 
 void fold_observations(const StateView& s, std::vector<RowObs>& obs, int64_t nonfinite, int64_t epoch,
                        double ema) {
@@ -33,8 +47,10 @@ void fold_observations(const StateView& s, std::vector<RowObs>& obs, int64_t non
   } else {
     std::stable_sort(obs.begin(), obs.end(), [](const RowObs& a, const RowObs& b) { return a.idx < b.idx; });
   }
-  const float a = static_cast<float>(ema);
-  const float one_minus_a = static_cast<float>(1.0 - ema);
+  // The fold in float64 from the float32 state, with float32(ema) and float32(1 - ema),
+  // each result stored saturated (the same operations, in this order, on every backend).
+  const double a = static_cast<double>(static_cast<float>(ema));
+  const double one_minus_a = static_cast<double>(static_cast<float>(1.0 - ema));
   double epoch_loss = 0.0;
   int64_t epoch_count = 0;
   for (size_t g = 0; g < m;) {
@@ -47,21 +63,20 @@ void fold_observations(const StateView& s, std::vector<RowObs>& obs, int64_t non
     }
     const float obs_l = static_cast<float>(sum_l / static_cast<double>(cnt));
     const float obs_p = static_cast<float>(sum_p / static_cast<double>(cnt));
-    const float m_old = s.loss[t], v_old = s.loss_var[t], p_old = s.p_true[t];
+    const double m_old = s.loss[t], v_old = s.loss_var[t], p_old = s.p_true[t];
     const int32_t s_old = s.seen[t];
-    const float delta = obs_l - m_old;
     if (s_old == 0) {
       s.loss[t] = obs_l;
       s.loss_var[t] = 0.0f;
     } else {
-      const float ad = a * delta;
-      s.loss[t] = m_old + ad;
-      s.loss_var[t] = one_minus_a * (v_old + ad * delta);
+      const double delta = static_cast<double>(obs_l) - m_old;
+      const double ad = a * delta;
+      s.loss[t] = saturate(m_old + ad);
+      s.loss_var[t] = saturate(one_minus_a * (v_old + ad * delta));
     }
     const int32_t s_new = s_old + static_cast<int32_t>(cnt);
-    const float frac =
-        static_cast<float>(static_cast<double>(cnt) / std::max(static_cast<double>(s_new), 1.0));
-    s.p_true[t] = p_old + (obs_p - p_old) * frac;
+    const double frac = static_cast<double>(cnt) / std::max(static_cast<double>(s_new), 1.0);
+    s.p_true[t] = saturate(p_old + (static_cast<double>(obs_p) - p_old) * frac);
     s.seen[t] = s_new;
     s.last_epoch[t] = static_cast<int32_t>(epoch);
     epoch_loss += sum_l;
@@ -74,12 +89,17 @@ void fold_observations(const StateView& s, std::vector<RowObs>& obs, int64_t non
 
 namespace {
 
-// A floating vector (any dtype) as float32.
-std::vector<float> as_float(const at::Tensor& t) {
+// A floating vector (any dtype) as float32; with sat, a finite float64 value beyond
+// float32's range saturates (an observation), else it rounds to inf (the returned loss).
+std::vector<float> as_float(const at::Tensor& t, bool sat) {
   std::vector<float> out(t.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "fastsel_as_float", [&] {
     const scalar_t* p = t.data_ptr<scalar_t>();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(p[i]);
+    if (sat && std::is_same<scalar_t, double>::value) {
+      for (size_t i = 0; i < out.size(); ++i) out[i] = saturate(static_cast<double>(p[i]));
+    } else {
+      for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(p[i]);
+    }
   });
   return out;
 }
@@ -116,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> observe_cpu(
     record_range_errors(s, bad, first_bad, 0, 0);
   }
 
-  const std::vector<float> l = as_float(losses);
+  const std::vector<float> l = as_float(losses, false);
   // row_scale = policy weight (/ active rows for "mean"); masked rows count 0, even a NaN loss.
   const bool mean = reduction == layout::REDUCTION_MEAN;
   const float div = static_cast<float>(std::max<int64_t>(n_active, 1));
@@ -135,16 +155,21 @@ std::tuple<at::Tensor, at::Tensor> observe_cpu(
   }
 
   if (update) {
+    // The observation saturates where float32 cannot hold a finite value: a float64 loss or
+    // p_true beyond its range, exp(-loss) of a loss below -88.7.
+    const bool f64 = losses.scalar_type() == at::kDouble;
+    const std::vector<float> l_sat = f64 ? as_float(losses, true) : std::vector<float>();
+    const std::vector<float>& lo = f64 ? l_sat : l;
     std::vector<float> p;
-    if (probs.has_value()) p = as_float(*probs);
+    if (probs.has_value()) p = as_float(*probs, true);
     std::vector<RowObs> obs;
     obs.reserve(b);
     int64_t nonfinite = 0;
     for (int64_t r = 0; r < b; ++r) {
       if (idx[r] >= n) continue;
-      const float pr = probs.has_value() ? p[r] : std::exp(-l[r]);
-      if (std::isfinite(l[r]) && std::isfinite(pr)) {
-        obs.push_back({idx[r], l[r], pr});
+      const float pr = probs.has_value() ? p[r] : std::min(std::exp(-lo[r]), kStateMax);  // NaN stays NaN
+      if (std::isfinite(lo[r]) && std::isfinite(pr)) {
+        obs.push_back({idx[r], lo[r], pr});
       } else {
         ++nonfinite;
       }

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -47,6 +48,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// x as float, a finite value beyond float's range clamped to +-FLT_MAX (fastsel.layout.STATE_MAX)
+// instead of rounding to inf; NaN and +-inf stay as they are (fastsel/state.py).
+__device__ __forceinline__ float saturate(double x) {
+  const double big = FLT_MAX;
+  return __double2float_rn(isfinite(x) ? fmin(fmax(x, -big), big) : x);
+}
+
 __device__ __forceinline__ int64_t load_int(const void* p, bool is64, int64_t r) {
   return is64 ? static_cast<const int64_t*>(p)[r] : static_cast<int64_t>(static_cast<const int32_t*>(p)[r]);
 }
@@ -76,14 +84,16 @@ __global__ void row_kernel(StepArgs a, RowInfo* rows) {
   }
   m = warp_max(m);
   const bool bad_row = __any_sync(0xffffffffu, has_nan) || !isfinite(m);
+  // Every sum is relative to the row's max (log_softmax's x - m - log(s)), so large logits
+  // lose no precision: with logits of 1e4, m + log(s) would round to 1e4's ulp (~1e-3).
   float s = 0.f, sx = 0.f, swx = 0.f, wsum = 0.f;
   if (!bad_row) {
     for (int64_t j = lane; j < c; j += 32) {
-      const float v = ld(x, j);
-      s += expf(v - m);
-      sx += v;
+      const float xm = ld(x, j) - m;
+      s += expf(xm);
+      sx += xm;
       if (w) {
-        swx += w[j] * v;
+        swx += w[j] * xm;
         wsum += w[j];
       }
     }
@@ -97,15 +107,15 @@ __global__ void row_kernel(StepArgs a, RowInfo* rows) {
   const float policy_w = a.weight[is];
   const float eps = a.eps, ome = a.one_minus_eps;
   const float w_y = w ? w[ys] : 1.0f;
-  float loss = nanf_, weighted = nanf_, p_true = nanf_, lse = nanf_;
+  float loss = nanf_, weighted = nanf_, p_true = nanf_, logs = nanf_;
   if (!bad_row) {
-    lse = m + logf(s);
-    const float nll = lse - ld(x, ys);
+    logs = logf(s);
+    const float nll = logs - (ld(x, ys) - m);
     loss = nll;
     weighted = w ? w_y * nll : nll;
     if (eps != 0.0f) {
-      loss = ome * nll - eps * (sx / static_cast<float>(c) - lse);
-      weighted = w ? ome * weighted - eps * (swx - lse * wsum) / static_cast<float>(c) : loss;
+      loss = ome * nll - eps * (sx / static_cast<float>(c) - logs);
+      weighted = w ? ome * weighted - eps * (swx - logs * wsum) / static_cast<float>(c) : loss;
     }
     p_true = expf(-nll);
   }
@@ -122,7 +132,7 @@ __global__ void row_kernel(StepArgs a, RowInfo* rows) {
       if (bad_row) {
         gv = nanf_;
       } else {
-        gv = sc * k * expf(ld(x, j) - lse) + b0 + (w ? cw * w[j] : 0.0f);
+        gv = sc * k * expf((ld(x, j) - m) - logs) + b0 + (w ? cw * w[j] : 0.0f);
         if (j == ys) gv += fix;
       }
       st(g, j, gv);
@@ -220,10 +230,12 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(StepArgs a, con
       __syncthreads();
     }
   }
-  // 3. each run's first position updates its sample: mean loss and p_true in float64.
+  // 3. each run's first position updates its sample: mean loss and p_true in float64, then
+  // the fold in float64 (no fused multiply-add: the reference's roundings), each result
+  // stored saturated, so a finite observation never makes the state inf.
   double ep_loss = 0.0;
   int64_t ep_count = 0;
-  const float ema = a.ema, om = a.one_minus_ema;
+  const double ema = a.ema, om = a.one_minus_ema;
   for (int64_t q = tid; q < b; q += blockDim.x) {
     const uint64_t key = keys[q];
     if (key == ~0ull) continue;
@@ -238,21 +250,21 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(StepArgs a, con
     }
     const float obs_l = static_cast<float>(sl / static_cast<double>(cnt));
     const float obs_p = static_cast<float>(sp / static_cast<double>(cnt));
-    const float m_old = a.loss[t], v_old = a.loss_var[t], p_old = a.p_true[t];
+    const double m_old = a.loss[t], v_old = a.loss_var[t], p_old = a.p_true[t];
     const int32_t s_old = a.seen[t];
-    const float delta = __fsub_rn(obs_l, m_old);
     if (s_old == 0) {
       a.loss[t] = obs_l;
       a.loss_var[t] = 0.0f;
     } else {
-      const float ad = __fmul_rn(ema, delta);
-      a.loss[t] = __fadd_rn(m_old, ad);
-      a.loss_var[t] = __fmul_rn(om, __fadd_rn(v_old, __fmul_rn(ad, delta)));
+      const double delta = __dsub_rn(static_cast<double>(obs_l), m_old);
+      const double ad = __dmul_rn(ema, delta);
+      a.loss[t] = saturate(__dadd_rn(m_old, ad));
+      a.loss_var[t] = saturate(__dmul_rn(om, __dadd_rn(v_old, __dmul_rn(ad, delta))));
     }
     const int32_t s_new = s_old + static_cast<int32_t>(cnt);
     const double sd_new = static_cast<double>(s_new);
-    const float frac = static_cast<float>(static_cast<double>(cnt) / (sd_new > 1.0 ? sd_new : 1.0));
-    a.p_true[t] = __fadd_rn(p_old, __fmul_rn(__fsub_rn(obs_p, p_old), frac));
+    const double frac = __ddiv_rn(static_cast<double>(cnt), sd_new > 1.0 ? sd_new : 1.0);
+    a.p_true[t] = saturate(__dadd_rn(p_old, __dmul_rn(__dsub_rn(static_cast<double>(obs_p), p_old), frac)));
     a.seen[t] = s_new;
     a.last_epoch[t] = a.epoch;
     ep_loss += sl;

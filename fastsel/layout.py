@@ -19,6 +19,12 @@ FIELDS = (
 #: The buffers a step writes, in the op schemas' argument order (``weight`` is read only).
 STEP_FIELDS = ("loss", "loss_var", "p_true", "seen", "last_epoch")
 
+#: Finite in, finite state: float32's largest finite value, the bound every state value
+#: saturates at. A finite observation is folded in float64 and each result is stored
+#: clamped to [-STATE_MAX, STATE_MAX], so it never overflows to inf (fastsel/state.py has
+#: the whole rule; C++ and CUDA use std::numeric_limits<float>::max(), the same number).
+STATE_MAX = 3.4028234663852886e38
+
 #: Slots of the float64 ``stats`` vector (counts are exact in float64 up to 2**53).
 STAT_NONFINITE = 0      # losses that were NaN/inf and so never entered the state
 STAT_EPOCH_LOSS = 1     # sum of finite per-sample losses since the last selection pass

@@ -22,7 +22,7 @@ Numerics — finite in, finite state: no finite input puts inf or NaN into any f
   stored in float32 clamped to [-STATE_MAX, STATE_MAX]: observations 0 and 1e30, whose
   squared difference float32 cannot hold, give ``loss_var`` = STATE_MAX, not inf. Every
   backend computes these same float64 operations in this order (no fused multiply-add),
-  so they agree to the bit on the fold.
+  so the same observations leave the same bits on every backend.
 """
 from __future__ import annotations
 

@@ -35,6 +35,8 @@ FLAG_BAD_LABEL = tl.constexpr(8)
 FLAG_OBSERVED = tl.constexpr(3)   # FLAG_ACTIVE | FLAG_FINITE: the row enters the state
 
 REDUCTION_MEAN = tl.constexpr(layout.REDUCTION_MEAN)
+# float32's largest finite value: every state value saturates there (fastsel/state.py).
+STATE_MAX = tl.constexpr(layout.STATE_MAX)
 
 
 @triton.jit
@@ -177,23 +179,45 @@ def _finite(x):
 
 
 @triton.jit
+def _saturate(x):
+    """float64 ``x`` as float32, a finite value beyond float32's range clamped to
+    +-STATE_MAX instead of rounding to inf; NaN and +-inf stay as they are."""
+    return tl.where(_finite(x), tl.minimum(tl.maximum(x, -STATE_MAX), STATE_MAX), x).to(tl.float32)
+
+
+@triton.jit
+def _observed(v):
+    """An observed value (a loss or p_true of any floating dtype) as float32: a float64 one
+    saturates (float16, bfloat16 and float32 values always fit)."""
+    if v.dtype == tl.float64:
+        out = _saturate(v)
+    else:
+        out = v.to(tl.float32)
+    return out
+
+
+@triton.jit
 def observe_rows_kernel(losses_ptr, probs_ptr, indices_ptr, pweight_ptr,
                         loss_ptr, ptrue_ptr, row_ptr, wy_ptr, flags_ptr, scale_ptr, B, N,
                         HAS_PROBS: tl.constexpr, BLOCK: tl.constexpr):
-    """``observe``'s per-row arrays for ``state_update_kernel``: the loss (float32), p_true
-    (the given probabilities, else exp(-loss)), the flags, the policy-weighted loss of active
-    rows (0 for the others), weight 1 per active row (the mean's count) and the row's scale
-    before the reduction (its policy weight if active, else 0)."""
+    """``observe``'s per-row arrays for ``state_update_kernel``: the observed loss (float32,
+    saturated), p_true (the given probabilities, else exp(-loss), saturated), the flags, the
+    policy-weighted loss of active rows (0 for the others; a float64 loss beyond float32's
+    range is inf there, as the reference's), weight 1 per active row (the mean's count) and
+    the row's scale before the reduction (its policy weight if active, else 0)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < B
     idx = tl.load(indices_ptr + rows, mask=rmask, other=0).to(tl.int64)
     bad_index = rmask & ((idx < 0) | (idx >= N))
     active = rmask & (~bad_index)
-    loss = tl.load(losses_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    given = tl.load(losses_ptr + rows, mask=rmask, other=0.0)
+    raw = given.to(tl.float32)  # the returned loss: as the reference's losses.float()
+    loss = _observed(given)
     if HAS_PROBS:
-        p_true = tl.load(probs_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        p_true = _observed(tl.load(probs_ptr + rows, mask=rmask, other=0.0))
     else:
         p_true = tl.exp(-loss)
+        p_true = tl.where(p_true == float("inf"), STATE_MAX, p_true)
     pw = tl.load(pweight_ptr + tl.where(active, idx, N), mask=rmask, other=0.0)
     scale = tl.where(active, pw, 0.0)
     finite = _finite(loss) & _finite(p_true)
@@ -201,7 +225,7 @@ def observe_rows_kernel(losses_ptr, probs_ptr, indices_ptr, pweight_ptr,
              + tl.where(bad_index, FLAG_BAD_INDEX, 0))
     tl.store(loss_ptr + rows, loss, mask=rmask)
     tl.store(ptrue_ptr + rows, p_true, mask=rmask)
-    tl.store(row_ptr + rows, tl.where(active, pw * loss, 0.0), mask=rmask)
+    tl.store(row_ptr + rows, tl.where(active, pw * raw, 0.0), mask=rmask)
     tl.store(wy_ptr + rows, tl.where(active, 1.0, 0.0), mask=rmask)
     tl.store(flags_ptr + rows, flags, mask=rmask)
     tl.store(scale_ptr + rows, scale, mask=rmask)
@@ -238,9 +262,11 @@ def state_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr,
     an active row has scale 0 and out 0. A call without update launches the totals program
     alone (NUM_UPDATE = 0, update = 0).
 
-    Update rules (as the reference): first observation sets the mean, variance 0;
-    otherwise m += a*d, v = (1-a)*(v + a*d*d); p_true is the running mean over every
-    occurrence; seen += occurrences; last_epoch = epoch.
+    Update rules (as the reference, fastsel/state.py): first observation sets the mean,
+    variance 0; otherwise m += a*d, v = (1-a)*(v + a*d*d); p_true is the running mean over
+    every occurrence; seen += occurrences; last_epoch = epoch. The fold runs in float64
+    (``ema`` and ``one_m_ema`` are float32 scalars, widened) and each result is stored
+    saturated at +-STATE_MAX, so a finite observation never makes the state inf.
     """
     pid = tl.program_id(0)
     if pid < NUM_UPDATE:
@@ -273,19 +299,23 @@ def state_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr,
         t = tl.where(owner, idx_i, 0)
         c64 = cnt.to(tl.float64)
         safe = tl.maximum(c64, 1.0)
-        obs_l = (sum_l / safe).to(tl.float32)
-        obs_p = (sum_p / safe).to(tl.float32)
-        m_old = tl.load(s_loss_ptr + t, mask=owner, other=0.0)
-        v_old = tl.load(s_var_ptr + t, mask=owner, other=0.0)
-        p_old = tl.load(s_p_ptr + t, mask=owner, other=0.0)
+        obs_l = (sum_l / safe).to(tl.float32).to(tl.float64)
+        obs_p = (sum_p / safe).to(tl.float32).to(tl.float64)
+        m_old = tl.load(s_loss_ptr + t, mask=owner, other=0.0).to(tl.float64)
+        v_old = tl.load(s_var_ptr + t, mask=owner, other=0.0).to(tl.float64)
+        p_old = tl.load(s_p_ptr + t, mask=owner, other=0.0).to(tl.float64)
         s_old = tl.load(s_seen_ptr + t, mask=owner, other=0)
         first = s_old == 0
+        zero32 = tl.zeros([BLOCK_I], tl.float32)  # the float32 scalars, widened exactly
+        a = (zero32 + ema).to(tl.float64)
+        b = (zero32 + one_m_ema).to(tl.float64)
         delta = obs_l - m_old
-        m_new = tl.where(first, obs_l, m_old + ema * delta)
-        v_new = tl.where(first, 0.0, one_m_ema * (v_old + ema * delta * delta))
+        ad = a * delta
+        m_new = _saturate(tl.where(first, obs_l, m_old + ad))
+        v_new = _saturate(tl.where(first, 0.0, b * (v_old + ad * delta)))
         s_new = s_old + cnt
-        ratio = (c64 / tl.maximum(s_new.to(tl.float64), 1.0)).to(tl.float32)
-        p_new = p_old + (obs_p - p_old) * ratio
+        ratio = c64 / tl.maximum(s_new.to(tl.float64), 1.0)
+        p_new = _saturate(p_old + (obs_p - p_old) * ratio)
         tl.store(s_loss_ptr + t, m_new, mask=owner)
         tl.store(s_var_ptr + t, v_new, mask=owner)
         tl.store(s_p_ptr + t, p_new, mask=owner)

@@ -11,6 +11,26 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+#: float32's largest finite value (fastsel.layout.STATE_MAX, restated: the oracle shares no code).
+F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _saturate(x: float) -> float:
+    """A finite value beyond float32's range clamped to +-F32_MAX (finite in, finite state);
+    NaN and +-inf as they are."""
+    return max(-F32_MAX, min(F32_MAX, x)) if math.isfinite(x) else x
+
+
+def _computed_f32(x: float) -> float:
+    """A cross-entropy the backends compute in float32: beyond its range it is inf there (as
+    ``F.cross_entropy``'s), a non-finite observation."""
+    return math.copysign(math.inf, x) if math.isfinite(x) and abs(x) > F32_MAX else x
+
+
+def _exp_neg(lo: float) -> float:
+    """observe's default p_true exp(-loss), saturated at F32_MAX instead of overflowing."""
+    return F32_MAX if -lo > math.log(F32_MAX) else math.exp(-lo)
+
 
 def _admit(groups: Dict[int, List[tuple]], i: int, lo: float, po: float) -> int:
     """Add sample i's observation if it is finite; returns 1 if it was not."""
@@ -42,7 +62,7 @@ class OracleState:
                 continue
             logp = torch.log_softmax(x[r], 0)
             nll = -float(logp[y])
-            loss = (1 - label_smoothing) * nll - label_smoothing * float(logp.mean())
+            loss = _computed_f32((1 - label_smoothing) * nll - label_smoothing * float(logp.mean()))
             if not math.isfinite(loss):
                 continue
             groups.setdefault(i, []).append((loss, math.exp(-nll)))
@@ -70,14 +90,15 @@ class OracleState:
                 if soft:
                     t = ts[:, e]
                     tp = (1 - label_smoothing) * t + label_smoothing / c
-                    losses.append(-float((tp * logp).sum()))
+                    losses.append(_computed_f32(-float((tp * logp).sum())))
                     probs.append(float((t * logp.exp()).sum()))
                 else:
                     y = int(ts[e])
                     if y == ignore_index or not 0 <= y < c:
                         continue
                     nll = -float(logp[y])
-                    losses.append((1 - label_smoothing) * nll - label_smoothing * float(logp.mean()))
+                    losses.append(_computed_f32((1 - label_smoothing) * nll
+                                                - label_smoothing * float(logp.mean())))
                     probs.append(math.exp(-nll))
             if not losses:
                 continue
@@ -87,22 +108,24 @@ class OracleState:
 
     def observe(self, losses: torch.Tensor, indices: torch.Tensor, *, epoch: int, ema: float,
                 p_true: Optional[torch.Tensor] = None) -> int:
-        """Per-sample losses of any loss; p_true defaults to exp(-loss). Returns how many rows
-        were not finite."""
+        """Per-sample losses of any loss; p_true defaults to exp(-loss). A finite value beyond
+        float32's range saturates. Returns how many rows were not finite."""
         groups: Dict[int, List[tuple]] = {}
         nonfinite = 0
         for r in range(losses.shape[0]):
             i = int(indices[r])
             if not 0 <= i < self.n:
                 continue
-            lo = float(losses[r])
-            po = math.exp(-lo) if p_true is None and math.isfinite(lo) else (
-                float(p_true[r]) if p_true is not None else float("nan"))
+            lo = _saturate(float(losses[r]))
+            po = _exp_neg(lo) if p_true is None and math.isfinite(lo) else (
+                _saturate(float(p_true[r])) if p_true is not None else float("nan"))
             nonfinite += _admit(groups, i, lo, po)
         self._fold(groups, epoch, ema)
         return nonfinite
 
     def _fold(self, groups: Dict[int, List[tuple]], epoch: int, ema: float) -> None:
+        """The documented update in float64, each result saturated at +-F32_MAX: a finite
+        observation never makes the state inf (fastsel/state.py)."""
         for i, obs in groups.items():
             lo = sum(o[0] for o in obs) / len(obs)
             po = sum(o[1] for o in obs) / len(obs)
@@ -111,9 +134,9 @@ class OracleState:
                 self.loss[i], self.var[i] = lo, 0.0
             else:
                 d = lo - self.loss[i]
-                self.loss[i] += ema * d
-                self.var[i] = (1 - ema) * (self.var[i] + ema * d * d)
-            self.p[i] += (po - self.p[i]) * len(obs) / (self.seen[i] + len(obs))
+                self.loss[i] = _saturate(self.loss[i] + ema * d)
+                self.var[i] = _saturate((1 - ema) * (self.var[i] + ema * d * d))
+            self.p[i] = _saturate(self.p[i] + (po - self.p[i]) * len(obs) / (self.seen[i] + len(obs)))
             self.seen[i] += len(obs)
             self.last[i] = epoch
 

@@ -8,6 +8,7 @@ every op are in ``fastsel.ops`` and in README's "The loss call".
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -80,6 +81,21 @@ def check_or_record(errors: torch.Tensor, n: int, c: Optional[int], indices: tor
         errors[cnt] += found[cnt]
 
 
+def saturate(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32, a finite value beyond float32's range clamped to +-STATE_MAX
+    instead of rounding to inf; NaN and +-inf stay as they are."""
+    if x.dtype != torch.float64:  # float32, float16 and bfloat16 values fit float32
+        return x.to(torch.float32)
+    big = layout.STATE_MAX
+    return torch.where(torch.isfinite(x), x.clamp(-big, big), x).to(torch.float32)
+
+
+def _ema_pair(ema: float) -> Tuple[float, float]:
+    """(float32(ema), float32(1 - ema)) as Python floats: the fold's weights on every backend."""
+    a, b = struct.unpack("2f", struct.pack("2f", float(ema), 1.0 - float(ema)))
+    return a, b
+
+
 def update_state(state: StateTensors, indices: torch.Tensor, loss: torch.Tensor,
                  p_true: torch.Tensor, obs: torch.Tensor, epoch: int, ema: float) -> None:
     """Fold one batch of per-row observations into the state (rows with ``obs`` false and
@@ -92,16 +108,20 @@ def update_state(state: StateTensors, indices: torch.Tensor, loss: torch.Tensor,
     n = s_loss.shape[0] - 1
     target, count, (sum_l, sum_p) = merge_duplicates(indices, obs, n, (loss, p_true))
     safe = torch.clamp(count, min=1.0)
-    obs_l = (sum_l / safe).to(torch.float32)
-    obs_p = (sum_p / safe).to(torch.float32)
-    m_old, v_old, p_old, s_old = s_loss[target], s_var[target], s_p[target], s_seen[target]
+    # The observation in float32, then the fold in float64, each result saturated at
+    # +-STATE_MAX when stored (fastsel/state.py: finite in, finite state).
+    obs_l = (sum_l / safe).to(torch.float32).double()
+    obs_p = (sum_p / safe).to(torch.float32).double()
+    m_old, v_old = s_loss[target].double(), s_var[target].double()
+    p_old, s_old = s_p[target].double(), s_seen[target]
     first = s_old == 0
-    a = float(ema)
+    a, b = _ema_pair(ema)
     delta = obs_l - m_old
     m_new = torch.where(first, obs_l, m_old + a * delta)
-    v_new = torch.where(first, torch.zeros_like(v_old), (1.0 - a) * (v_old + a * delta * delta))
+    v_new = torch.where(first, torch.zeros_like(v_old), b * (v_old + a * delta * delta))
     s_new = s_old + count.to(torch.int32)
-    p_new = p_old + (obs_p - p_old) * (count / torch.clamp(s_new.double(), min=1.0)).float()
+    p_new = p_old + (obs_p - p_old) * (count / torch.clamp(s_new.double(), min=1.0))
+    m_new, v_new, p_new = (saturate(v) for v in (m_new, v_new, p_new))
     s_loss.index_copy_(0, target, m_new)
     s_var.index_copy_(0, target, v_new)
     s_p.index_copy_(0, target, p_new)
@@ -238,7 +258,11 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
     active = ~bad_index
     safe_idx = torch.where(active, indices, torch.full_like(indices, n)).to(torch.int64)
     loss = losses.float()
-    p_true = torch.exp(-loss) if probs is None else probs.float()
+    # The observation saturates where float32 cannot hold a finite value (finite in, finite
+    # state): a float64 loss or p_true beyond its range, exp(-loss) of a loss below -88.7.
+    obs_loss = saturate(losses)
+    p_true = (torch.exp(-obs_loss).clamp(max=layout.STATE_MAX) if probs is None
+              else saturate(probs))
     zero = torch.zeros((), dtype=torch.float32, device=losses.device)
     row_scale = torch.where(active, s_weight[safe_idx], zero)
     if reduction == layout.REDUCTION_MEAN:
@@ -246,7 +270,7 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
     per_row = torch.where(active, row_scale * loss, zero)
     out = per_row if reduction == layout.REDUCTION_NONE else per_row.sum()
     if update:
-        observe_rows(state, safe_idx, loss, p_true, active, epoch, ema)
+        observe_rows(state, safe_idx, obs_loss, p_true, active, epoch, ema)
     return out, row_scale
 
 
