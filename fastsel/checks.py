@@ -16,6 +16,11 @@ _INT_DTYPES = (torch.int64, torch.int32)
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def is_int(v: object) -> bool:
+    """A Python int and not a bool (which ``isinstance(v, int)`` also admits)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_tensor(name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from .backends import check_backend_name, get_backend
+from . import checkpoint
 from .budget import Budget
-from .checks import check_observe_args, check_step_args
+from .checks import check_observe_args, check_step_args, is_int
 from .config import REDUCTIONS, LossConfig
 from .distributed import StateSync, world
 from .policies import Policy, make_policy
@@ -28,14 +29,7 @@ from .sharding import Shard
 from .state import STAT_NONFINITE, SampleState
 from .summary import Summary, selection_entropy
 
-_FORMAT = 1
 _CHUNK = 4096   # indices converted to Python ints at a time while iterating
-_KEYS = ("format", "config", "seed", "epoch", "position", "exhausted", "selection",
-         "selection_epoch", "state", "policy_state", "generator", "sync", "counters")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class _EpochIterator(Iterator[int]):
@@ -80,7 +74,7 @@ class _EpochIterator(Iterator[int]):
             raise ValueError(f"iterator state is for epoch {sd.get('epoch')}, "
                              f"the sampler is at epoch {self.sampler.epoch}")
         y = sd.get("yielded")
-        if not _is_int(y) or not 0 <= y <= len(self.shard):
+        if not is_int(y) or not 0 <= y <= len(self.shard):
             raise ValueError(f"iterator state 'yielded' must be an int in [0, {len(self.shard)}], got {y!r}")
         self.sampler.position = y
         self._reset()
@@ -188,7 +182,7 @@ class Sampler(torch.utils.data.Sampler[int]):
     # ---- epochs and iteration -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration draws (DistributedSampler's convention)."""
-        if not _is_int(epoch) or epoch < 0:
+        if not is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got epoch={epoch!r}")
         if epoch != self.epoch:
             self.epoch = epoch
@@ -433,13 +427,7 @@ class Sampler(torch.utils.data.Sampler[int]):
             "elapsed_s": self.elapsed(),
         })
 
-    # ---- checkpoint and resume --------------------------------------------------------
-    def _config(self) -> Dict[str, Any]:
-        b = self.budget
-        return {"n": self.n, "policy": self.policy.config(), "budget": b.fraction,
-                "time_budget": b.seconds, "epochs": b.epochs_total,
-                "world_size": self.world_size, "drop_last": self.drop_last}
-
+    # ---- checkpoint and resume (fastsel.checkpoint) ------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Everything a resume needs to yield exactly the stream an uninterrupted run would;
         tensors, numbers and strings only (loads with ``torch.load(weights_only=True)``).
@@ -448,82 +436,9 @@ class Sampler(torch.utils.data.Sampler[int]):
         Under DDP it holds this rank's updates since the last selection pass: save one per
         rank, or save at an epoch boundary.
         """
-        counters = self.budget.state_dict()
-        counters.update(selection_time=self._passes.seconds,
-                        epoch_losses=list(self._passes.epoch_losses))
-        return {
-            "format": _FORMAT, "config": self._config(), "seed": self.seed,
-            "epoch": self.epoch, "position": self.position,
-            # An iterator that ran out with batches still in flight is not a finished epoch.
-            "exhausted": self._exhausted and (self.time_mode or self._epoch_trained()),
-            "selection": None if self._selection is None else self._selection.cpu().clone(),
-            "selection_epoch": self._selection_epoch,
-            "state": self.state.state_dict(), "policy_state": self.policy.state_dict(),
-            "generator": self._passes.generator.get_state(),
-            "sync": None if self._sync is None else self._sync.state_dict(),
-            "counters": counters,
-        }
-
-    def _check_state_dict(self, sd: Any) -> None:
-        """Refuse a state_dict that cannot be loaded, naming the field; changes nothing."""
-        if not isinstance(sd, dict) or sd.get("format") != _FORMAT:
-            raise ValueError(f"not a fastsel Sampler state_dict of format {_FORMAT}")
-        missing = [k for k in _KEYS if k not in sd]
-        if missing:
-            raise ValueError(f"state_dict is missing {missing}: pass a dict from Sampler.state_dict()")
-        mine, theirs = self._config(), sd["config"]
-        if not isinstance(theirs, dict):
-            raise ValueError(f"state_dict field 'config' must be a dict, got {type(theirs).__name__}")
-        for key in mine:
-            if mine[key] != theirs.get(key):
-                raise ValueError(f"state_dict is for {key}={theirs.get(key)!r}, "
-                                 f"this sampler has {key}={mine[key]!r}")
-        if sd["seed"] != self.seed:
-            raise ValueError(f"state_dict is for seed={sd['seed']!r}, this sampler has seed={self.seed!r}")
-        for key in ("epoch", "position"):
-            if not _is_int(sd[key]) or sd[key] < 0:
-                raise ValueError(f"state_dict field {key!r} must be a non-negative int, got {sd[key]!r}")
-        if not isinstance(sd["exhausted"], bool):
-            raise ValueError(f"state_dict field 'exhausted' must be a bool, got {sd['exhausted']!r}")
-        sel, sel_epoch = sd["selection"], sd["selection_epoch"]
-        if sel is not None and (not isinstance(sel, torch.Tensor) or sel.dtype != torch.int64
-                                or sel.dim() != 1 or sel.numel() > self.n
-                                or (sel.numel() and (int(sel.min()) < 0 or int(sel.max()) >= self.n))):
-            raise ValueError(f"state_dict field 'selection' must be None or a 1-D int64 tensor of at "
-                             f"most {self.n} indices in [0, {self.n}), got {sel!r:.80}")
-        if (sel is None) != (sel_epoch is None) or (sel_epoch is not None and (not _is_int(sel_epoch) or sel_epoch < 0)):
-            raise ValueError("state_dict field 'selection_epoch' must be a non-negative int with a "
-                             f"selection and None without one, got {sel_epoch!r}")
-        limit = self.shard.length(sel.numel()) if sel_epoch == sd["epoch"] else 0
-        if sd["position"] > limit:
-            raise ValueError(f"state_dict field 'position' is {sd['position']}, beyond the {limit} rows "
-                             f"of epoch {sd['epoch']}'s shard")
-        gen = sd["generator"]
-        ref = self._passes.generator.get_state()
-        if not isinstance(gen, torch.Tensor) or gen.dtype != ref.dtype or gen.shape != ref.shape:
-            raise ValueError(f"state_dict field 'generator' must be a torch.Generator state "
-                             f"({ref.dtype} tensor of shape {tuple(ref.shape)})")
-        self.state.check_state_dict(sd["state"])
-        self.policy.check_state_dict(sd["policy_state"])
-        if self._sync is not None and sd["sync"] is not None:
-            self._sync.check_state_dict(sd["sync"], self.n)
-        self.budget.check_state_dict(sd["counters"])
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         """Restore a ``state_dict``. Every field is checked before anything is written (a
         bad one is refused, naming it, and nothing changes); no tensor is shared with ``sd``."""
-        self._check_state_dict(sd)
-        self.policy.load_state_dict(sd["policy_state"])
-        self.state.load_state_dict(sd["state"])
-        self._passes.generator.set_state(sd["generator"].clone())
-        if self._sync is not None and sd["sync"] is not None:
-            self._sync.load_state_dict(sd["sync"], self.state.device)
-        self.epoch, self.position = sd["epoch"], sd["position"]
-        self._exhausted = sd["exhausted"]
-        sel = sd["selection"]
-        self._set_selection(None if sel is None else sel.to(self.state.device, copy=True),
-                            sd["selection_epoch"])
-        c = sd["counters"]
-        self.budget.load_state_dict(c)
-        self._passes.seconds = float(c["selection_time"])
-        self._passes.epoch_losses = [float(v) for v in c.get("epoch_losses", [])]
+        checkpoint.load(self, sd)
