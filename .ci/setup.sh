@@ -49,6 +49,11 @@ log "installing triton, numpy, test and job tools"
 # Triton and torchdata are pinned: the interpreter and the Stateful protocol are what the tests exercise.
 pip_install -c "$constraints" "triton==3.9.0" numpy pytest pytest-benchmark tqdm scikit-learn "torchdata==0.11.0" matplotlib setuptools wheel ninja
 
+# Lightning and Accelerate (fastsel's optional integrations, tested by tests/test_lightning.py
+# and tests/test_accelerate.py); the constraints file keeps the installed torch.
+log "installing lightning, accelerate"
+pip_install -c "$constraints" "lightning==2.6.6" "accelerate==1.15.0"
+
 log "installing FFCV"
 pip_install -c "$constraints" pillow numba opencv-python-headless
 pip_install -c "$constraints" --no-build-isolation ffcv pillow

@@ -24,8 +24,9 @@ __all__ = ["Sampler", "BudgetLR", "SelectiveStep", "with_indices", "list_backend
 
 
 def __getattr__(name: str):
-    # fastsel.ffcv imports FFCV, so it loads on first use, not with fastsel.
-    if name == "ffcv":
+    # fastsel.ffcv imports FFCV and fastsel.lightning Lightning, so they load on first use,
+    # not with fastsel (fastsel.accelerate too, alongside them).
+    if name in ("ffcv", "lightning", "accelerate"):
         import importlib
-        return importlib.import_module(".ffcv", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'fastsel' has no attribute {name!r}")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any, Dict
 
 import torch
 
@@ -19,8 +21,44 @@ def selection_entropy(counts: torch.Tensor) -> dict:
     return {"nats": h, "normalized": h / math.log(n) if n > 1 else 1.0}
 
 
+def _number(v: Any):
+    """``v`` as a float if it is a real number (a bool, a numpy or 0-d torch number
+    included), else None."""
+    if isinstance(v, torch.Tensor):
+        return float(v) if v.numel() == 1 and not v.is_complex() else None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return None
+
+
 class Summary(dict):
     """A plain dict of the sampler's figures; ``str()`` gives one line per figure."""
+
+    def scalars(self, prefix: str = "fastsel/", sep: str = "/") -> Dict[str, float]:
+        """The figures as a flat dict of floats, for ``SummaryWriter.add_scalars``,
+        ``wandb.log`` or Lightning's ``log_dict``: a number keeps its name, a nested dict's
+        numbers are named ``key/inner`` (``selection_entropy/normalized``), a list (a
+        per-epoch history, ``epoch_mean_losses``) gives its last number as ``key/last``;
+        strings (policy, backend, a time budget's "60 s") and empty lists are left out.
+        Every name starts with ``prefix``.
+        """
+        out: Dict[str, float] = {}
+
+        def put(name: str, v: Any) -> None:
+            if isinstance(v, dict):
+                for k, w in v.items():
+                    put(f"{name}{sep}{k}", w)
+            elif isinstance(v, (list, tuple)):
+                if v:
+                    put(f"{name}{sep}last", v[-1])
+            else:
+                x = _number(v)
+                if x is not None:
+                    out[prefix + name] = x
+
+        for key, value in self.items():
+            put(str(key), value)
+        return out
 
     def __str__(self) -> str:
         width = max(len(k) for k in self)

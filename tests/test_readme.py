@@ -70,3 +70,25 @@ def test_readme_evaluation_with_update_false_runs(tmp_path, monkeypatch):
     exec(compile(snippet, "README.md", "exec"), scope)
     assert torch.isfinite(scope["val_loss"])
     assert (s.position, s.summary()["passes"]) == before[:2] and torch.equal(s.state.seen, before[2])
+
+
+def test_readme_lightning_and_accelerate_examples_run(tmp_path, monkeypatch):
+    """The Lightning example keeps the budget with max_epochs above it; the Accelerate recipe
+    trains the budget and saves every rank's sampler state with the rest."""
+    import pytest
+    pytest.importorskip("lightning")
+    accelerate = pytest.importorskip("accelerate")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(next(b for b in python_blocks() if "SamplerCallback(sampler)" in b), "README.md", "exec"), scope)
+    assert scope["trainer"].current_epoch == 10 and scope["sampler"].summary()["passes"] == 10 * 300
+    assert scope["trainer"].optimizers[0].param_groups[0]["lr"] == 0.0
+    scope = {}
+    try:
+        exec(compile(next(b for b in python_blocks() if "accelerator.prepare(" in b), "README.md", "exec"), scope)
+    finally:
+        accelerate.state.AcceleratorState._reset_state(True)
+        accelerate.state.GradientState._reset_state()
+        accelerate.state.PartialState._reset_state()
+    assert scope["sampler"].summary()["passes"] == 10 * 300
+    assert (tmp_path / "checkpoint" / "custom_checkpoint_0.pkl").exists()
