@@ -16,7 +16,7 @@ import math
 import os
 import shlex
 import sys
-from typing import Callable, List, NoReturn, Optional
+from typing import Dict, Callable, List, NoReturn, Optional
 
 from .compare import DEFAULT_BUDGETS, DEFAULT_POLICIES
 
@@ -193,7 +193,9 @@ def _training_args(p: argparse.ArgumentParser, epochs: int, seeds: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = argparse.ArgumentParser(prog="fastsel", description="Budgeted training by data-loader-level sample selection.")
+    p.add_argument("--version", action="version", version=f"fastsel {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="the main job: full training vs policies at one budget on digits",
@@ -338,6 +340,42 @@ def _compare(args: argparse.Namespace, argv: List[str], policies: List[str], bud
     return 0
 
 
+def _devices_here() -> List[str]:
+    """The device types this machine can run on now."""
+    import torch
+    here = ["cpu"]
+    if torch.cuda.is_available():
+        here.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        here.append("mps")
+    return here
+
+
+def backend_lines() -> Dict[str, str]:
+    """One plain line per backend: whether it runs on this machine, and if not, what it
+    needs that the machine lacks (a GPU first, since that is what a user can act on)."""
+    from .backends import _load, list_backends
+    here = _devices_here()
+    out = {}
+    for name, status in list_backends().items():
+        b = _load(name)
+        if b is not None:
+            usable = [d for d in b.devices if d in here]
+            others = [d for d in b.devices if d not in here]
+            if usable:
+                more = f"; also {', '.join(others)} where present" if others else ""
+                out[name] = f"usable here on {', '.join(usable)}{more}"
+            else:
+                out[name] = (f"not usable here: it needs a GPU ({', '.join(b.devices)}) and this machine has "
+                             f"none visible" + ("; on the CPU it runs only under TRITON_INTERPRET=1, for tests"
+                                                if name == "triton" else ""))
+        elif name == "cuda" and "cuda" not in here:
+            out[name] = f"not usable here: it needs an NVIDIA GPU and this machine has none visible ({status})"
+        else:
+            out[name] = f"not usable here: {status}"
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns 0. An argument error exits with status 2 (``SystemExit``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -345,9 +383,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if extra:  # argparse would name the top-level parser: name the subcommand instead
         args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "backends":
-        from .backends import list_backends
-        for name, status in list_backends().items():
-            print(f"{name:<10} {status}")
+        for name, line in backend_lines().items():
+            print(f"{name:<10} {line}")
         return 0
     if args.command == "run":
         _check_training_args(args)

@@ -59,9 +59,17 @@ def _mean_std(xs: Sequence[float]) -> tuple:
     return m, sd
 
 
+def _median(xs: Sequence[float]) -> float:
+    ys = sorted(xs)
+    h = len(ys) // 2
+    return ys[h] if len(ys) % 2 else (ys[h - 1] + ys[h]) / 2
+
+
 def aggregate(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One row per (policy, budget): accuracy mean ± std over seeds, wall time, selection
-    share, forward/backward passes, speed-up against full training of the same seeds."""
+    share, forward/backward passes, and the speed-up against full training: the median of
+    the per-seed ratios (each seed's run against full training of the same seed), with
+    their lowest and highest."""
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["policy"], r["budget"]), []).append(r)
@@ -79,18 +87,23 @@ def aggregate(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             # Under a time budget every run trains until the clock stops: nothing is "saved".
             "passes_saved": None if budget.endswith("s") else
             sum(1.0 - r["backward"] / r["passes_full"] for r in rs) / len(rs),
-            "speedup": sum(speed) / len(speed) if speed else None,
+            "speedup": _median(speed) if speed else None,
+            "speedup_range": (min(speed), max(speed)) if speed else None,
             "entropy": sum(r["entropy"] for r in rs) / len(rs),
         })
     return rows
 
 
 def format_table(rows: Sequence[Dict[str, Any]], markdown: bool = False) -> str:
-    head = ["policy", "budget", "test acc %", "wall s", "speed-up", "select %", "fwd", "bwd", "saved"]
+    head = ["policy", "budget", "test acc %", "wall s", "speed-up (median, range)", "select %", "fwd", "bwd",
+            "saved"]
     lines = []
     for r in rows:
         acc = f"{r['accuracy']:.2f}" + (f" ± {r['accuracy_std']:.2f}" if r["seeds"] > 1 else "")
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        if r["speedup"] and r.get("speedup_range") and r["seeds"] > 1:
+            lo, hi = r["speedup_range"]
+            speed += f" ({lo:.2f}–{hi:.2f})"
         lines.append([r["policy"], r["budget"], acc, f"{r['wall_s']:.2f}", speed,
                       f"{100 * r['selection_share']:.1f}", str(r["forward"]), str(r["backward"]),
                       "-" if r["passes_saved"] is None else f"{100 * r['passes_saved']:.0f}%"])
@@ -114,10 +127,14 @@ def paired_gap(runs: Sequence[Dict[str, Any]], policy: str, budget: str) -> tupl
     return m, (sd / math.sqrt(len(gaps)) if len(gaps) > 1 else float("inf")), len(gaps)
 
 
+#: Seeds a paired gap needs before the verdict judges it: with fewer its spread is unknown.
+MIN_SEEDS = 3
+
+
 def verdict(rows: Sequence[Dict[str, Any]], runs: Sequence[Dict[str, Any]]) -> str:
     """A plain sentence per budget: does any policy beat uniform by more than the noise?
     "Beats" means a paired per-seed gap, over 3+ seeds, of more than two standard errors and
-    more than one test image's worth of accuracy."""
+    more than one test image's worth of accuracy; with fewer seeds it says it cannot judge."""
     out = []
     full = next((r for r in rows if r["policy"] == "full"), None)
     for b in dict.fromkeys(r["budget"] for r in rows if r["policy"] != "full"):
@@ -129,7 +146,12 @@ def verdict(rows: Sequence[Dict[str, Any]], runs: Sequence[Dict[str, Any]]) -> s
         gap, se, n = paired_gap(runs, best["policy"], b)
         test_size = max((r.get("test_size", 0) for r in runs), default=0)
         one_image = 100.0 / test_size if test_size else 0.0
-        if best["policy"] == "uniform":
+        seeds = min(r["seeds"] for r in at)
+        if seeds < MIN_SEEDS:
+            s = (f"At budget {b}, {best['policy']} has the best mean accuracy ({best['accuracy']:.2f}% vs "
+                 f"uniform {uni['accuracy']:.2f}%), but with {seeds} seed(s) this cannot be judged: the "
+                 f"spread of the per-seed gap needs at least {MIN_SEEDS} seeds (--seeds {MIN_SEEDS}).")
+        elif best["policy"] == "uniform":
             s = f"At budget {b}, no policy beats uniform: uniform has the best mean accuracy ({uni['accuracy']:.2f}%)."
         elif n >= 3 and gap > max(2 * se, one_image) + 1e-9:  # a one-image gap ties, not beats
             s = (f"At budget {b}, {best['policy']} beats uniform: {best['accuracy']:.2f}% vs "

@@ -5,7 +5,9 @@ import json
 import os
 from typing import Any, Dict, List
 
-PLOTS = ("accuracy_vs_budget.png", "accuracy_vs_time.png", "selection_counts.png")
+#: The plots every report has; ``selection_counts_<budget>.png`` come beside them, one per budget.
+PLOTS = ("accuracy_vs_budget.png", "accuracy_vs_time.png")
+MARKERS = "osD^v<>Pp*hX"
 
 
 def load_results(out_dir: str) -> Dict[str, Any]:
@@ -24,8 +26,8 @@ def _policies(runs: List[Dict[str, Any]]) -> List[str]:
 
 
 def plot(doc: Dict[str, Any], out_dir: str) -> List[str]:
-    """Accuracy against budget per policy, accuracy against wall time, and the histogram
-    of per-sample selection counts per policy."""
+    """Accuracy against budget per policy, accuracy against wall time (colour: policy,
+    marker: budget), and per budget the histogram of per-sample selection counts."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -51,27 +53,45 @@ def plot(doc: Dict[str, Any], out_dir: str) -> List[str]:
     written.append(_finish(fig, ax, "time budget (s)" if timed else "budget (fraction of full training)",
                            "test accuracy (%)", "Accuracy against budget", out_dir, PLOTS[0]))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {p: f"C{i % 10}" for i, p in enumerate(_policies(runs))}
+    budgets = list(dict.fromkeys(r["budget"] for r in runs))
+    markers = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(budgets)}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for p in _policies(runs):
-        pr = [r for r in runs if r["policy"] == p]
-        ax.scatter([r["wall_s"] for r in pr], [100 * r["accuracy"] for r in pr], label=p, s=18)
+        for b in budgets:
+            pr = [r for r in runs if r["policy"] == p and r["budget"] == b]
+            if pr:
+                ax.scatter([r["wall_s"] for r in pr], [100 * r["accuracy"] for r in pr], s=24,
+                           color=colours[p], marker=markers[b], label=f"{p} @ {b}")
     written.append(_finish(fig, ax, "wall-clock time (s)", "test accuracy (%)",
-                           "Accuracy against wall time (every run)", out_dir, PLOTS[1]))
+                           "Accuracy against wall time (every run; colour: policy, marker: budget)",
+                           out_dir, PLOTS[1]))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    budgets = [r["budget"] for r in runs if r["policy"] != "full"]
-    show = min(budgets, key=lambda b: abs(float(b.rstrip("s")) - 0.3)) if budgets else None
-    for p in _policies(runs):
-        pr = [r for r in runs if r["policy"] == p and (p == "full" or r["budget"] == show)][:1]
-        if not pr:
-            continue
-        pts = [(i, c) for i, c in enumerate(pr[0]["selection_counts"]) if c > 0]  # log scale
-        ax.plot([i for i, _ in pts], [c for _, c in pts], marker="o", label=f"{p} ({pr[0]['budget']})")
-    ax.set_yscale("log")
-    written.append(_finish(fig, ax, "times a sample was selected", "samples",
-                           "Per-sample selection counts (first seed)", out_dir, PLOTS[2]))
+    for b in [b for b in budgets if any(r["budget"] == b and r["policy"] != "full" for r in runs)]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for p in _policies(runs):
+            pr = [r for r in runs if r["policy"] == p and (p == "full" or r["budget"] == b)][:1]
+            if not pr:
+                continue
+            pts = [(i, c) for i, c in enumerate(pr[0]["selection_counts"]) if c > 0]  # log scale
+            ax.plot([i for i, _ in pts], [c for _, c in pts], marker="o", color=colours[p], label=p)
+        ax.set_yscale("log")
+        written.append(_finish(fig, ax, "times a sample was selected", "samples",
+                               f"Per-sample selection counts at budget {b} (first seed)", out_dir,
+                               selection_plot(b)))
     plt.close("all")
     return written
+
+
+def selection_plot(budget: str) -> str:
+    """The file name of one budget's selection-count plot."""
+    return f"selection_counts_{budget.replace('.', '_')}.png"
+
+
+def plots(doc: Dict[str, Any]) -> List[str]:
+    """Every plot a report of ``doc`` has."""
+    budgets = dict.fromkeys(r["budget"] for r in doc["runs"] if r["policy"] != "full")
+    return list(PLOTS) + [selection_plot(b) for b in budgets]
 
 
 def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, out_dir: str, name: str) -> str:
@@ -100,7 +120,7 @@ def markdown(doc: Dict[str, Any]) -> str:
     if meta.get("dataset"):
         lines += [f"Dataset: {meta['dataset']}", ""]
     lines += [format_table(rows, markdown=True), "", verdict(rows, doc["runs"]), ""]
-    lines += [f"![{p}]({p})" for p in PLOTS]
+    lines += [f"![{p}]({p})" for p in plots(doc)]
     return "\n".join(lines) + "\n"
 
 

@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+import fastsel
 from fastsel import bench, compare, datasets
 from fastsel.cli import build_parser, main
-from fastsel.report import PLOTS, write_report
+from fastsel.report import plots, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +26,9 @@ def assert_report(out_dir):
     assert doc["runs"] and doc["meta"]["machine"]["torch"]
     md = open(os.path.join(out_dir, "results.md")).read()
     assert "| policy |" in md and "uniform" in md and "full" in md
-    for p in PLOTS:
+    names = plots(doc)
+    assert any(n.startswith("selection_counts_") for n in names)   # one per budget
+    for p in names:
         with open(os.path.join(out_dir, p), "rb") as f:
             assert f.read(8) == PNG
     return doc
@@ -40,7 +43,7 @@ def test_run_prints_the_table_and_writes_results(tmp_path, capsys):
     assert len(rows) == 3
     assert rows[0][1] == "1" and rows[0][-1] == "0%"
     assert rows[1][1] == "0.3" and rows[1][-1] == "70%" and "±" in rows[1]
-    assert "beats uniform" in text or "none clearly beats uniform" in text
+    assert "with 2 seed(s) this cannot be judged" in text   # a verdict needs 3 seeds
     doc = assert_report(out)
     assert len(doc["runs"]) == 6 and doc["meta"]["command"].startswith("fastsel run")
     full = [r for r in doc["runs"] if r["policy"] == "full"]
@@ -329,7 +332,7 @@ def test_console_script_argument_error_has_no_traceback():
 def test_help_and_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "fastsel", "backends"], capture_output=True, text=True,
                          check=True).stdout
-    assert "reference" in out and "available" in out
+    assert "reference" in out and "usable here" in out
     for cmd in ("run", "compare", "bench", "report"):
         h = subprocess.run([sys.executable, "-m", "fastsel", cmd, "--help"], capture_output=True, text=True,
                            check=True).stdout
@@ -352,3 +355,44 @@ def test_verdict_needs_a_paired_gap_beyond_the_noise():
     assert "none clearly beats uniform" in compare.verdict(rows, tiny)
     rows[1]["accuracy"] = 80.0
     assert "no policy beats uniform" in compare.verdict(rows, clear)
+
+
+def test_version_flag_prints_the_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fastsel {fastsel.__version__}"
+
+
+def test_backends_say_plainly_which_need_a_gpu_this_machine_lacks(monkeypatch, capsys):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from fastsel.cli import backend_lines
+    lines = backend_lines()
+    assert lines["cpu"].startswith("usable here on cpu")
+    assert lines["reference"].startswith("usable here on cpu")
+    assert lines["cuda"].startswith("not usable here: it needs an NVIDIA GPU and this machine has none visible")
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name:<10} {line}" in out for name, line in lines.items())
+
+
+def test_verdict_with_fewer_than_three_seeds_says_it_cannot_judge():
+    from fastsel.compare import aggregate, verdict
+    runs = [dict(policy=p, budget="0.3", seed=s, accuracy=a, wall_s=1.0, selection_s=0.0, forward=1,
+                 backward=1, passes_full=2, entropy=0.0, test_size=100)
+            for s in (0, 1) for p, a in (("uniform", 0.80), ("tftb", 0.85))]
+    text = verdict(aggregate(runs), runs)
+    assert "tftb has the best mean" in text and "with 2 seed(s) this cannot be judged" in text
+    runs3 = runs + [dict(runs[0], seed=2), dict(runs[1], seed=2)]
+    assert "beats uniform" in verdict(aggregate(runs3), runs3)
+
+
+def test_speedup_is_the_median_of_per_seed_ratios_with_its_range():
+    from fastsel.compare import aggregate
+    runs = [dict(policy=p, budget=b, seed=s, accuracy=0.5, wall_s=w, selection_s=0.0, forward=1, backward=1,
+                 passes_full=2, entropy=0.0)
+            for s, wf, wu in ((0, 10.0, 5.0), (1, 10.0, 2.0), (2, 10.0, 4.0))
+            for p, b, w in (("full", "1", wf), ("uniform", "0.3", wu))]
+    row = next(r for r in aggregate(runs) if r["policy"] == "uniform")
+    assert row["speedup"] == 2.5 and row["speedup_range"] == (2.0, 5.0)
