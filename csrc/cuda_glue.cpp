@@ -1,15 +1,33 @@
 // The CUDA kernels of torch.ops.fastsel.*_csrc (ce_step, select, uniform, shuffle),
-// registered for the CUDA dispatch key. Each op checks its arguments (checks.cpp), makes
-// the inputs' device current, takes that device's current stream, allocates its outputs
-// and workspace through ATen (the caching allocator) and calls a launcher of
-// step_kernels.cu / select_kernels.cu. Compiled only in a CUDA build (setup.py).
+// registered for the CUDA dispatch key. Each op checks its arguments' metadata (checks.cpp;
+// the state's tensors are checked in full once, by fastsel._C.check_state, not per call),
+// makes the inputs' device current, takes that device's current stream, allocates its outputs
+// through ATen (the caching allocator) and calls a launcher of step_kernels.cu /
+// select_kernels.cu. No Python runs per call and, except strict mode's range check, nothing
+// waits for the device. Compiled only in a CUDA build (setup.py).
+//
+// The step's scratch (a per-sample int32 slot array, per-row group sums, counters) is cached
+// per device and allocated zeroed once: the kernels leave it zero after every step, so a
+// step launches no fill. A step with strict=False allocates nothing but its outputs and syncs
+// nothing, so it can be captured in a CUDA graph once an eager call (the warm-up
+// torch.cuda.graphs asks for) has sized the scratch; the epoch is then the one of the captured
+// call (a scalar argument of the op). Buffers outgrown by a larger batch or N are kept alive
+// (a captured graph may still point at them). Eager steps on another stream than the
+// previous one first wait for that stream (an event), so two streams never share the scratch
+// at once; a graph replay is ordered only on its own stream, as any graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cuda_launch.h"
 #include "layout.h"
@@ -36,6 +54,33 @@ void* current_stream(const at::Tensor& t) {
   return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
 }
 
+// ---- the step's cached scratch ------------------------------------------------------------------
+
+struct StepScratch {
+  at::Tensor ctl, slot, group, rows;        // bytes; ctl, slot and group zero between steps
+  std::vector<at::Tensor> retired;          // outgrown buffers, kept for graphs captured with them
+  bool dirty = false;                       // a launch failed: zero it again before the next step
+  std::optional<c10::cuda::CUDAStream> last;  // the stream of the last eager step
+  cudaEvent_t done = nullptr;               // recorded on `last` when another stream takes over
+};
+
+std::mutex g_scratch_mutex;
+std::map<int, StepScratch> g_scratch;  // by device index; map nodes never move
+
+// buf with at least `bytes` bytes (zero-filled when new, if `zeroed`); `grow` sizes a new
+// buffer at twice the old one, so a slowly growing batch reallocates rarely.
+void fit(at::Tensor& buf, int64_t bytes, bool zeroed, bool grow, const at::Device& dev,
+         std::vector<at::Tensor>& retired) {
+  if (buf.defined() && buf.numel() >= bytes) return;
+  int64_t size = bytes;
+  if (buf.defined()) {
+    if (grow) size = std::max(bytes, 2 * buf.numel());
+    retired.push_back(buf);
+  }
+  const auto opt = at::TensorOptions().device(dev).dtype(at::kByte);
+  buf = zeroed ? at::zeros({size}, opt) : at::empty({size}, opt);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cuda(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& indices, at::Tensor& state_loss,
     at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen, at::Tensor& state_last_epoch,
@@ -55,18 +100,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cuda(
   const int64_t n = st.n, b = dims.b, c = dims.c;
   TORCH_CHECK(n < (int64_t(1) << 32), where, ": the CUDA step takes at most 2**32 - 1 samples, got N = ", n);
   TORCH_CHECK(b < (int64_t(1) << 31), where, ": the CUDA step takes at most 2**31 - 1 rows, got ", b);
-  const c10::cuda::CUDAGuard guard(logits.device());
   const at::Device dev = logits.device();
+  const c10::cuda::CUDAGuard guard(dev);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(dev.index());
 
   auto f32 = at::TensorOptions().device(dev).dtype(at::kFloat);
-  at::Tensor per_row = at::empty({b}, f32);
-  at::Tensor out = at::empty({}, f32);
+  const bool none = reduction == layout::REDUCTION_NONE;
+  at::Tensor out = none ? at::empty({b}, f32) : at::empty({}, f32);
   at::Tensor grad_scale = at::empty({}, f32);
-  at::Tensor denom = at::empty({}, f32);
-  at::Tensor strict_errors = at::empty({layout::ERR_SIZE}, f32.dtype(at::kLong));  // the kernel writes every slot
   at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
-  at::Tensor rows = at::empty({cuda::step_rows_bytes(b)}, f32.dtype(at::kByte));
-  at::Tensor keys = at::empty({cuda::step_sort_len(b)}, f32.dtype(at::kLong));
+  at::Tensor strict_errors;  // the kernel writes every slot
+  if (strict) strict_errors = at::empty({layout::ERR_SIZE}, f32.dtype(at::kLong));
 
   cuda::StepArgs a{};
   a.logits = logits.data_ptr();
@@ -94,22 +138,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cuda(
   a.stats = st.stats;
   a.errors = st.errors;
   a.grad = need_grad ? grad.data_ptr() : nullptr;
-  a.per_row = per_row.data_ptr<float>();
-  a.out = out.data_ptr<float>();
+  a.per_row = none ? out.data_ptr<float>() : nullptr;
+  a.out = none ? nullptr : out.data_ptr<float>();
   a.grad_scale = grad_scale.data_ptr<float>();
-  a.strict_errors = strict_errors.data_ptr<int64_t>();
-  a.denom = denom.data_ptr<float>();
-  a.rows = rows.data_ptr();
-  a.sort_keys = reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>());
-  check_ok(cuda::launch_step(a, current_stream(logits)), where);
+  a.strict_errors = strict ? strict_errors.data_ptr<int64_t>() : nullptr;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TORCH_CHECK(cudaStreamIsCapturing(stream.stream(), &capture) == cudaSuccess, where, ": cudaStreamIsCapturing failed");
+  {
+    const std::lock_guard<std::mutex> lock(g_scratch_mutex);
+    StepScratch& s = g_scratch[static_cast<int>(dev.index())];
+    const int64_t slot_bytes = 4 * std::max<int64_t>(n, 1);
+    if (capture != cudaStreamCaptureStatusNone) {
+      // Inside a capture nothing may be allocated or zeroed eagerly: the warm-up did it.
+      TORCH_CHECK(s.ctl.defined() && !s.dirty && s.slot.numel() >= slot_bytes &&
+                      s.group.numel() >= cuda::step_group_bytes(b) && s.rows.numel() >= cuda::step_rows_bytes(b),
+                  where, ": a CUDA graph capture of the step needs its scratch ready: run the step eagerly once "
+                  "on this device (the warm-up torch.cuda.graphs asks for) with at least ", b,
+                  " rows and a state of at least ", n, " samples, then capture it");
+    } else {
+      if (s.last.has_value() && *s.last != stream) {  // the previous stream may still be using it
+        if (s.done == nullptr)
+          TORCH_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming) == cudaSuccess, where,
+                      ": cudaEventCreate failed");
+        TORCH_CHECK(cudaEventRecord(s.done, s.last->stream()) == cudaSuccess &&
+                        cudaStreamWaitEvent(stream.stream(), s.done, 0) == cudaSuccess,
+                    where, ": could not order the step after the previous stream's");
+      }
+      s.last = stream;
+      fit(s.ctl, cuda::step_ctl_bytes(), true, false, dev, s.retired);
+      fit(s.slot, slot_bytes, true, false, dev, s.retired);
+      fit(s.group, cuda::step_group_bytes(b), true, true, dev, s.retired);
+      fit(s.rows, cuda::step_rows_bytes(b), false, true, dev, s.retired);
+      if (s.dirty) {
+        s.ctl.zero_();
+        s.slot.zero_();
+        s.group.zero_();
+        s.dirty = false;
+      }
+    }
+    cuda::StepWork w{s.ctl.data_ptr(), static_cast<uint32_t*>(s.slot.data_ptr()), s.group.data_ptr(),
+                     s.rows.data_ptr()};
+    const char* err = cuda::launch_step(a, w, static_cast<void*>(stream.stream()));
+    if (err != nullptr) s.dirty = true;
+    check_ok(err, where);
+  }
   if (strict) {
-    // Strict mode checks at once: one sync, as the reference's. The kernel wrote nothing.
+    // Strict mode checks at once: one sync, as the reference's. The kernels wrote nothing.
     const at::Tensor e = strict_errors.cpu();
     const int64_t* ev = e.const_data_ptr<int64_t>();
     raise_range_errors(ev[layout::ERR_INDEX_COUNT], ev[layout::ERR_INDEX_VALUE], ev[layout::ERR_LABEL_COUNT],
                        ev[layout::ERR_LABEL_VALUE], n, c);
   }
-  return {reduction == layout::REDUCTION_NONE ? per_row : out, grad, grad_scale};
+  return {out, grad, grad_scale};
 }
 
 at::Tensor select_cuda(const at::Tensor& keys, int64_t k) {
@@ -158,8 +238,9 @@ at::Tensor shuffle_cuda(const at::Tensor& chosen, int64_t key) {
   const c10::cuda::CUDAGuard guard(chosen.device());
   at::Tensor out = at::empty_like(chosen);
   if (m == 0) return out;
-  at::Tensor work = at::empty({cuda::shuffle_work_bytes(m)}, chosen.options().dtype(at::kByte));
-  check_ok(cuda::launch_shuffle(chosen.data_ptr(), chosen.scalar_type() == at::kLong, m, key, out.data_ptr(),
+  const bool c64 = chosen.scalar_type() == at::kLong;
+  at::Tensor work = at::empty({cuda::shuffle_work_bytes(m, c64)}, chosen.options().dtype(at::kByte));
+  check_ok(cuda::launch_shuffle(chosen.data_ptr(), c64, m, key, out.data_ptr(),
                                 work.data_ptr(), current_stream(chosen)),
            where);
   return out;

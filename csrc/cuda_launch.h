@@ -36,24 +36,32 @@ struct StepArgs {
   double* stats;           // [layout::STAT_SIZE]
   int64_t* errors;         // [layout::ERR_SIZE]
   // outputs
-  void* grad;              // [b, c] in the logits' type, or nullptr: d(per_row)/d(logits)
-  float* per_row;          // [b]: the reduction "none" output
-  float* out;              // [1]: the scalar for "mean" / "sum"
-  float* grad_scale;       // [1]: what backward multiplies grad by: 1 / denom for "mean", else 1
-  int64_t* strict_errors;  // [layout::ERR_SIZE]: in strict mode, counts and first values; state untouched if any
-  // workspace
-  float* denom;            // [1]: sum of class weights of active rows (the mean's divisor)
-  void* rows;              // step_rows_bytes(b)
-  uint64_t* sort_keys;     // step_sort_len(b) entries
+  void* grad;              // [b, c] in the logits' type, or nullptr: d(sum of per_row)/d(logits), unscaled
+  float* per_row;          // [b] or nullptr: the reduction "none" output
+  float* out;              // [1] or nullptr: the scalar of "mean" / "sum"
+  float* grad_scale;       // [1]: what backward multiplies grad by: 1 / divisor for "mean", else 1
+  int64_t* strict_errors;  // [layout::ERR_SIZE] or nullptr (needed in strict mode): counts and first values
 };
 
+// The step's scratch. `ctl`, `slot` and `group` must hold zeros when a step starts; the step
+// leaves them zero again (its last blocks and the owner rows reset what they used), so the
+// caller zero-fills them once, when it allocates them. `rows` needs no initial value.
+struct StepWork {
+  void* ctl;        // step_ctl_bytes()
+  uint32_t* slot;   // >= n entries: per sample, 0 or 1 + the row that owns it in this step
+  void* group;      // step_group_bytes(b): per owner row, the sums of its sample's other rows
+  void* rows;       // step_rows_bytes(b): per row, what the merge launch needs
+};
+
+int64_t step_ctl_bytes();
+int64_t step_group_bytes(int64_t b);
 int64_t step_rows_bytes(int64_t b);
-int64_t step_sort_len(int64_t b);
 
-const char* launch_step(const StepArgs& a, void* stream);
+// Two launches (one with update=false): rows, then merge + update.
+const char* launch_step(const StepArgs& a, const StepWork& w, void* stream);
 
-// Indices (int64) of the k largest float keys, ties by lower index, NaN as -inf.
-// Workspace: select_work_bytes(n, k).
+// Indices (int64) of the k largest float keys in rank order (+inf > finite > -inf > NaN, ties
+// by lower index), 0 < k <= n < 2**32. Workspace: select_work_bytes(n, k), any content.
 int64_t select_work_bytes(int64_t n, int64_t k);
 const char* launch_select(const float* keys, int64_t n, int64_t k, int64_t* out, void* work, void* stream);
 
@@ -61,9 +69,9 @@ const char* launch_select(const float* keys, int64_t n, int64_t k, int64_t* out,
 const char* launch_uniform(const void* idx, bool idx64, int64_t n, int64_t key, int64_t stream_id,
                            float* out, void* stream);
 
-// ReferenceBackend.shuffle: chosen reordered by its STREAM_SHUFFLE uniforms.
-// Workspace: shuffle_work_bytes(m).
-int64_t shuffle_work_bytes(int64_t m);
+// ReferenceBackend.shuffle: chosen reordered by its STREAM_SHUFFLE uniforms (a stable sort, so
+// equal uniforms keep chosen's order). Workspace: shuffle_work_bytes(m, chosen64), any content.
+int64_t shuffle_work_bytes(int64_t m, bool chosen64);
 const char* launch_shuffle(const void* chosen, bool chosen64, int64_t m, int64_t key, void* out,
                            void* work, void* stream);
 

@@ -1,8 +1,28 @@
-// The fused step on the GPU: one warp per row computes cross-entropy, p_true and the
-// gradient w.r.t. the logits (fp32 accumulation for every logits type); then one block
-// checks the rows, reduces the loss, sorts the observed (sample, row) pairs and folds
-// each sample's duplicates into the state in row order, as the reference does. Every
-// reduction has a fixed order, so results do not depend on scheduling.
+// The fused step on the GPU in two launches (one with update=false), with no single-block
+// stage and no sort:
+//
+// 1. rows_kernel: each row of logits is read once (kept in registers up to C = 1024; wider
+//    rows are streamed) by a group of TPR lanes (TPR = 4..32 by C): cross-entropy, p_true,
+//    the gradient w.r.t. the logits (unscaled: "mean" divides by grad_scale = 1 / divisor,
+//    which backward applies), per-block partial sums of the loss and the divisor, range-error
+//    counters (integer atomics). With update, each observed row (active, finite loss and
+//    p_true) claims its sample with one atomicCAS on a per-sample int32 `slot` (0 = free):
+//    the first row to arrive owns the sample; every other row of that sample adds its loss,
+//    p_true and 1 into its owner's `group` entry (float64 and integer atomics). Rows of one
+//    sample inside one warp are combined first (in row order), so a batch whose rows all
+//    carry one index costs one atomic per warp, not per row. The last block (an atomic
+//    ticket) sums the per-block partials in block order and writes the output, grad_scale,
+//    the error counters or strict mode's counts, and resets its counters.
+// 2. merge_kernel (update only): one thread per row; each owner folds its sample's one
+//    observation (the float64 sum of its rows over their count: own value + group sums) into
+//    the state, and clears its slot and group entry; the last block adds the epoch sums.
+//    Strict mode with a bad row (found by launch 1): the owners only clear, nothing is written.
+//
+// Work is O(B * C) in launch 1 and O(B) in launch 2 whatever the duplicates. Every partial
+// sum has a fixed order; a sample's rows are summed by float64 atomics, which is exact (and
+// so order-free) for a few float32 values, as the reference's index_add_ (for 2 rows it is
+// bit-identical to any order). The state fold is the reference's float64 arithmetic (no
+// fused multiply-add), each result stored saturated (fastsel/state.py, finite in, finite state).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,16 +40,42 @@ namespace cuda {
 namespace {
 
 using namespace fastsel::layout;
-constexpr uint32_t F_ACTIVE = 1, F_FINITE = 2, F_BAD_INDEX = 4, F_BAD_LABEL = 8;
-constexpr int kRowWarps = 8;       // rows per block of the row kernel
-constexpr int kFinalThreads = 1024;
+constexpr int kThreads = 256;      // threads per block of both launches
+#ifndef FASTSEL_STEP_MAX_BLOCKS    // (tests/test_gpu_fastpath.py's CPU emulation sets 3, to run the grid-stride loops)
+#define FASTSEL_STEP_MAX_BLOCKS 2048
+#endif
+constexpr int kMaxBlocks = FASTSEL_STEP_MAX_BLOCKS;  // grid cap of both launches (grid-stride beyond): bounds the partials
+constexpr uint32_t kFull = 0xffffffffu;
+constexpr uint32_t kNone = 0xffffffffu;  // no sample (indices are < n <= 2**32 - 1, so never this)
+constexpr uint32_t I_BAD_INDEX = 1, I_BAD_LABEL = 2, I_NONFINITE = 4;
 
+// What launch 2 needs of a row: its observation and, for an owner, its sample.
 struct RowInfo {
-  float loss;      // the state's loss
-  float p_true;
-  float w_y;       // class weight of the label (1 without class weights), 0 if inactive
-  uint32_t flags;
-  int64_t idx;     // sample index (n for inactive rows)
+  float loss;
+  float p;
+  uint32_t sample;  // the sample this row owns, or kNone
+  uint32_t unused;
+};
+
+// Per owner row: the sums of the other rows of its sample (zero between steps).
+struct Group {
+  double sl;
+  double sp;
+  unsigned int cnt;
+  unsigned int unused;
+};
+
+// Counters (zero between steps) and per-block partials (written before they are read).
+struct Ctl {
+  unsigned int ticket_rows, ticket_merge;
+  unsigned int refuse;                            // strict mode refused the batch: launch 2 only clears
+  unsigned int first_bad_index, first_bad_label;  // 0, or ~row of the first bad row (atomicMax)
+  unsigned int unused;
+  unsigned long long n_bad_index, n_bad_label, n_nonfinite;
+  double part_out[kMaxBlocks];
+  double part_den[kMaxBlocks];
+  double part_loss[kMaxBlocks];
+  unsigned long long part_count[kMaxBlocks];
 };
 
 __device__ __forceinline__ float ld(const float* p, int64_t j) { return p[j]; }
@@ -39,12 +85,25 @@ __device__ __forceinline__ void st(float* p, int64_t j, float v) { p[j] = v; }
 __device__ __forceinline__ void st(__half* p, int64_t j, float v) { p[j] = __float2half_rn(v); }
 __device__ __forceinline__ void st(__nv_bfloat16* p, int64_t j, float v) { p[j] = __float2bfloat16_rn(v); }
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+// Reductions over the W lanes of one row (W divides 32; xor partners stay inside the aligned
+// group of W lanes). Every lane of the warp must call them; every lane of a group gets the
+// same bits (each step adds the same two values, a + b == b + a).
+template <int W>
+__device__ __forceinline__ float seg_max(float v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
   return v;
 }
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+template <int W>
+__device__ __forceinline__ float seg_sum(float v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+template <int W>
+__device__ __forceinline__ int seg_or(int v) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v |= __shfl_xor_sync(kFull, v, o);
   return v;
 }
 
@@ -59,195 +118,332 @@ __device__ __forceinline__ int64_t load_int(const void* p, bool is64, int64_t r)
   return is64 ? static_cast<const int64_t*>(p)[r] : static_cast<int64_t>(static_cast<const int32_t*>(p)[r]);
 }
 
-template <typename T>
-__global__ void row_kernel(StepArgs a, RowInfo* rows) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
-  if (r >= a.b) return;  // whole warps leave together
-  const int64_t y = load_int(a.labels, a.labels64, r);
-  const int64_t i = load_int(a.indices, a.indices64, r);
-  const bool bad_index = i < 0 || i >= a.n;
-  const bool not_ignored = y != a.ignore_index;
-  const bool bad_label = not_ignored && (y < 0 || y >= a.c);
-  const bool active = not_ignored && !bad_label && !bad_index;
-  const int64_t ys = active ? y : 0, is = active ? i : a.n;
-  const int64_t c = a.c;
-  const T* x = static_cast<const T*>(a.logits) + r * c;
-  const float* w = a.class_weight;
-
-  float m = -INFINITY;
-  bool has_nan = false;
-  for (int64_t j = lane; j < c; j += 32) {
-    const float v = ld(x, j);
-    has_nan |= v != v;
-    m = fmaxf(m, v);
+// Launch 1's last block: the totals, in block order, and the counters (then reset).
+__device__ void finish_rows(const StepArgs& a, Ctl* ctl, double* s_red) {
+  const int tid = threadIdx.x;
+  double tot = 0.0, den = 0.0;
+  for (int q = tid; q < static_cast<int>(gridDim.x); q += blockDim.x) {
+    tot += __ldcg(&ctl->part_out[q]);
+    den += __ldcg(&ctl->part_den[q]);
   }
-  m = warp_max(m);
-  const bool bad_row = __any_sync(0xffffffffu, has_nan) || !isfinite(m);
-  // Every sum is relative to the row's max (log_softmax's x - m - log(s)), so large logits
-  // lose no precision: with logits of 1e4, m + log(s) would round to 1e4's ulp (~1e-3).
-  float s = 0.f, sx = 0.f, swx = 0.f, wsum = 0.f;
-  if (!bad_row) {
-    for (int64_t j = lane; j < c; j += 32) {
-      const float xm = ld(x, j) - m;
-      s += expf(xm);
-      sx += xm;
-      if (w) {
-        swx += w[j] * xm;
-        wsum += w[j];
-      }
-    }
+  tot = block_sum(tot, s_red);
+  den = block_sum(den, s_red);
+  if (tid != 0) return;
+  const unsigned long long nbi = __ldcg(&ctl->n_bad_index), nbl = __ldcg(&ctl->n_bad_label);
+  const unsigned long long nnf = __ldcg(&ctl->n_nonfinite);
+  const unsigned int fbi = __ldcg(&ctl->first_bad_index), fbl = __ldcg(&ctl->first_bad_label);
+  const int64_t vi = nbi ? load_int(a.indices, a.indices64, static_cast<int64_t>(~fbi)) : 0;
+  const int64_t vl = nbl ? load_int(a.labels, a.labels64, static_cast<int64_t>(~fbl)) : 0;
+  const bool refuse = a.strict && (nbi + nbl) > 0;
+  if (a.strict_errors != nullptr) {
+    a.strict_errors[ERR_INDEX_COUNT] = a.strict ? static_cast<int64_t>(nbi) : 0;
+    a.strict_errors[ERR_INDEX_VALUE] = a.strict ? vi : 0;
+    a.strict_errors[ERR_LABEL_COUNT] = a.strict ? static_cast<int64_t>(nbl) : 0;
+    a.strict_errors[ERR_LABEL_VALUE] = a.strict ? vl : 0;
   }
-  s = warp_sum(s);
-  sx = warp_sum(sx);
-  swx = warp_sum(swx);
-  wsum = warp_sum(wsum);
-
-  const float nanf_ = __int_as_float(0x7fc00000);
-  const float policy_w = a.weight[is];
-  const float eps = a.eps, ome = a.one_minus_eps;
-  const float w_y = w ? w[ys] : 1.0f;
-  float loss = nanf_, weighted = nanf_, p_true = nanf_, logs = nanf_;
-  if (!bad_row) {
-    logs = logf(s);
-    const float nll = logs - (ld(x, ys) - m);
-    loss = nll;
-    weighted = w ? w_y * nll : nll;
-    if (eps != 0.0f) {
-      loss = ome * nll - eps * (sx / static_cast<float>(c) - logs);
-      weighted = w ? ome * weighted - eps * (swx - logs * wsum) / static_cast<float>(c) : loss;
-    }
-    p_true = expf(-nll);
+  if (!a.strict) {
+    if (a.errors[ERR_INDEX_COUNT] == 0 && nbi > 0) a.errors[ERR_INDEX_VALUE] = vi;
+    a.errors[ERR_INDEX_COUNT] += static_cast<int64_t>(nbi);
+    if (a.errors[ERR_LABEL_COUNT] == 0 && nbl > 0) a.errors[ERR_LABEL_VALUE] = vl;
+    a.errors[ERR_LABEL_COUNT] += static_cast<int64_t>(nbl);
   }
-  if (a.grad) {
-    T* g = static_cast<T*>(a.grad) + r * c;
-    const float sc = active ? policy_w : 0.0f;
-    const float inv_c = 1.0f / static_cast<float>(c);
-    const float k = w ? ome * w_y + eps * wsum * inv_c : 1.0f;
-    const float b0 = w ? 0.0f : -sc * eps * inv_c;
-    const float cw = w ? -sc * eps * inv_c : 0.0f;
-    const float fix = -sc * ome * w_y;
-    for (int64_t j = lane; j < c; j += 32) {
-      float gv;
-      if (bad_row) {
-        gv = nanf_;
-      } else {
-        gv = sc * k * expf((ld(x, j) - m) - logs) + b0 + (w ? cw * w[j] : 0.0f);
-        if (j == ys) gv += fix;
-      }
-      st(g, j, gv);
-    }
-  }
-  if (lane == 0) {
-    RowInfo ri;
-    ri.loss = loss;
-    ri.p_true = p_true;
-    ri.w_y = active ? w_y : 0.0f;
-    ri.flags = (active ? F_ACTIVE : 0u) | (isfinite(loss) ? F_FINITE : 0u) |
-               (bad_index ? F_BAD_INDEX : 0u) | (bad_label ? F_BAD_LABEL : 0u);
-    ri.idx = is;
-    rows[r] = ri;
-    a.per_row[r] = active ? policy_w * weighted : 0.0f;
-  }
+  const float df = static_cast<float>(den), tf = static_cast<float>(tot);
+  const bool mean = a.reduction == REDUCTION_MEAN;
+  if (a.out != nullptr) a.out[0] = mean ? tf / df : tf;
+  a.grad_scale[0] = mean ? 1.0f / df : 1.0f;
+  if (!refuse && a.update) a.stats[STAT_NONFINITE] += static_cast<double>(nnf);
+  ctl->refuse = (refuse && a.update) ? 1u : 0u;
+  ctl->n_bad_index = 0;
+  ctl->n_bad_label = 0;
+  ctl->n_nonfinite = 0;
+  ctl->first_bad_index = 0;
+  ctl->first_bad_label = 0;
+  ctl->ticket_rows = 0;
 }
 
-__global__ void __launch_bounds__(kFinalThreads) finalize_kernel(StepArgs a, const RowInfo* rows, int64_t p) {
-  __shared__ double sd[32];
-  __shared__ int64_t si[32];
-  __shared__ bool refuse;
-  const int64_t b = a.b;
-  const int tid = threadIdx.x;
-  // 1. counts, first bad rows, the mean's divisor and the loss sum, in a fixed order.
-  int64_t n_bad_i = 0, n_bad_l = 0, n_nonfinite = 0, first_i = INT64_MAX, first_l = INT64_MAX;
-  double denom = 0.0, total = 0.0;
-  for (int64_t r = tid; r < b; r += blockDim.x) {
-    const uint32_t f = rows[r].flags;
-    if (f & F_BAD_INDEX) {
-      ++n_bad_i;
-      first_i = r < first_i ? r : first_i;
-    }
-    if (f & F_BAD_LABEL) {
-      ++n_bad_l;
-      first_l = r < first_l ? r : first_l;
-    }
-    if ((f & F_ACTIVE) && !(f & F_FINITE)) ++n_nonfinite;
-    denom += rows[r].w_y;
-    total += a.per_row[r];
-  }
-  n_bad_i = block_sum(n_bad_i, si);
-  n_bad_l = block_sum(n_bad_l, si);
-  n_nonfinite = block_sum(n_nonfinite, si);
-  first_i = block_min(first_i, si);
-  first_l = block_min(first_l, si);
-  denom = block_sum(denom, sd);
-  total = block_sum(total, sd);
-  if (tid == 0) {
-    const int64_t vi = n_bad_i ? load_int(a.indices, a.indices64, first_i) : 0;
-    const int64_t vl = n_bad_l ? load_int(a.labels, a.labels64, first_l) : 0;
-    refuse = a.strict && (n_bad_i + n_bad_l) > 0;
-    a.strict_errors[ERR_INDEX_COUNT] = a.strict ? n_bad_i : 0;
-    a.strict_errors[ERR_INDEX_VALUE] = a.strict ? vi : 0;
-    a.strict_errors[ERR_LABEL_COUNT] = a.strict ? n_bad_l : 0;
-    a.strict_errors[ERR_LABEL_VALUE] = a.strict ? vl : 0;
-    if (!a.strict) {
-      if (a.errors[ERR_INDEX_COUNT] == 0 && n_bad_i > 0) a.errors[ERR_INDEX_VALUE] = vi;
-      a.errors[ERR_INDEX_COUNT] += n_bad_i;
-      if (a.errors[ERR_LABEL_COUNT] == 0 && n_bad_l > 0) a.errors[ERR_LABEL_VALUE] = vl;
-      a.errors[ERR_LABEL_COUNT] += n_bad_l;
-    }
-    const float df = static_cast<float>(denom), tf = static_cast<float>(total);
-    const bool mean = a.reduction == REDUCTION_MEAN;
-    a.denom[0] = df;
-    a.out[0] = mean ? tf / df : tf;
-    a.grad_scale[0] = mean ? 1.0f / df : 1.0f;
-    if (!refuse && a.update) a.stats[STAT_NONFINITE] += static_cast<double>(n_nonfinite);
-  }
-  __syncthreads();
-  if (refuse || !a.update) return;  // strict mode's refusal, or update=False: the state stays as it was
+// Launch 1. TPR lanes per row, R = kThreads / TPR rows per tile; NV > 0: each lane keeps its
+// NV logits (columns l, l + TPR, ...) in registers (C <= NV * TPR); NV == 0: the row is
+// streamed three times (C > 1024).
+template <typename T, int TPR, int NV>
+__global__ void __launch_bounds__(kThreads, NV >= 32 ? 1 : 2) rows_kernel(StepArgs a, StepWork w) {
+  constexpr int R = kThreads / TPR;
+  constexpr int kElect = (R + 31) / 32 * 32;  // whole warps covering one thread per row of the tile
+  __shared__ float s_loss[R], s_p[R], s_out[R], s_den[R];
+  __shared__ uint32_t s_key[R], s_info[R];
+  __shared__ double s_red[32];
+  __shared__ float s_wsum;
+  __shared__ bool s_last;
+  Ctl* ctl = static_cast<Ctl*>(w.ctl);
+  const int tid = threadIdx.x, g = tid / TPR, l = tid % TPR;
+  const int64_t b = a.b, c = a.c, n = a.n;
+  const float* cw = a.class_weight;
+  const bool smooth = a.eps != 0.0f;
+  const float nan_f = __int_as_float(0x7fc00000);
+  const int ci = NV > 0 ? static_cast<int>(c) : 0;  // with NV > 0, c <= NV * TPR <= 1024
 
-  // 2. (sample, row) keys of the observed rows, sorted: duplicates become runs in row order.
-  uint64_t* keys = a.sort_keys;
-  for (int64_t q = tid; q < p; q += blockDim.x) {
-    uint64_t key = ~0ull;
-    if (q < b && (rows[q].flags & F_ACTIVE) && (rows[q].flags & F_FINITE))
-      key = (static_cast<uint64_t>(rows[q].idx) << 32) | static_cast<uint64_t>(q);
-    keys[q] = key;
+  // The class weights' sum (the same bits in every block: the same fixed-order reduction).
+  float wsum = 0.0f;
+  if (cw != nullptr) {
+    double t = 0.0;
+    for (int64_t j = tid; j < c; j += kThreads) t += static_cast<double>(cw[j]);
+    t = block_sum(t, s_red);
+    if (tid == 0) s_wsum = static_cast<float>(t);
+    __syncthreads();
+    wsum = s_wsum;
   }
-  __syncthreads();
-  for (int64_t k = 2; k <= p; k <<= 1) {
-    for (int64_t j = k >> 1; j > 0; j >>= 1) {
-      for (int64_t q = tid; q < p; q += blockDim.x) {
-        const int64_t o = q ^ j;
-        if (o > q) {
-          const uint64_t u = keys[q], v = keys[o];
-          const bool up = (q & k) == 0;
-          if ((u > v) == up) {
-            keys[q] = v;
-            keys[o] = u;
-          }
+
+  double part_out = 0.0, part_den = 0.0;  // thread 0: this block's rows, in order
+  unsigned long long nbi = 0, nbl = 0, nnf = 0;
+  int64_t fbi = -1, fbl = -1;
+  const int64_t tiles = (b + R - 1) / R;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // the same trip count for the whole block
+    const int64_t r = tile * R + g;
+    const bool in = r < b;
+    int64_t y = 0, i = 0;
+    if (in) {
+      y = load_int(a.labels, a.labels64, r);
+      i = load_int(a.indices, a.indices64, r);
+    }
+    const bool bad_index = in && (i < 0 || i >= n);
+    const bool not_ignored = in && y != a.ignore_index;
+    const bool bad_label = not_ignored && (y < 0 || y >= c);
+    const bool active = not_ignored && !bad_label && !bad_index;
+    const int64_t ys = active ? y : 0, is = active ? i : n;
+    const T* x = static_cast<const T*>(a.logits) + (in ? r : 0) * c;
+
+    // The row's max (NaN tracked apart: fmaxf skips it).
+    float v[NV > 0 ? NV : 1];
+    float m = -INFINITY;
+    int has_nan = 0;
+    if constexpr (NV > 0) {
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        const int j = l + k * TPR;
+        v[k] = (in && j < ci) ? ld(x, j) : -INFINITY;
+        has_nan |= v[k] != v[k];
+        m = fmaxf(m, v[k]);
+      }
+    } else {
+      if (in) {
+        for (int64_t j = l; j < c; j += TPR) {
+          const float xv = ld(x, j);
+          has_nan |= xv != xv;
+          m = fmaxf(m, xv);
         }
       }
-      __syncthreads();
     }
+    m = seg_max<TPR>(m);
+    has_nan = seg_or<TPR>(has_nan);
+    const bool bad_row = has_nan != 0 || !isfinite(m);  // a NaN or +inf, or only -inf (and rows past b)
+
+    // Sums relative to the row's max (log_softmax's x - m - log(s): large logits lose no
+    // precision); NV > 0 keeps e = exp(x - m) in place of the logit.
+    float s = 0.0f, sx = 0.0f, swx = 0.0f;
+    if (!bad_row) {
+      if constexpr (NV > 0) {
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+          const int j = l + k * TPR;
+          if (j < ci) {
+            const float xm = v[k] - m;
+            if (smooth) {
+              sx += xm;
+              if (cw != nullptr) swx += cw[j] * xm;
+            }
+            const float e = expf(xm);
+            s += e;
+            v[k] = e;
+          }
+        }
+      } else {
+        for (int64_t j = l; j < c; j += TPR) {
+          const float xm = ld(x, j) - m;
+          if (smooth) {
+            sx += xm;
+            if (cw != nullptr) swx += cw[j] * xm;
+          }
+          s += expf(xm);
+        }
+      }
+    }
+    s = seg_sum<TPR>(s);
+    if (smooth) {
+      sx = seg_sum<TPR>(sx);
+      swx = seg_sum<TPR>(swx);
+    }
+
+    const float pw = in ? a.weight[is] : 0.0f;  // the policy weight (the scratch slot's for an inactive row)
+    const float w_y = cw != nullptr ? cw[ys] : 1.0f;
+    float loss = nan_f, weighted = nan_f, p_true = nan_f;
+    if (!bad_row) {
+      const float logs = logf(s);
+      const float nll = logs - (ld(x, ys) - m);
+      loss = nll;
+      weighted = cw != nullptr ? w_y * nll : nll;
+      if (smooth) {
+        loss = a.one_minus_eps * nll - a.eps * (sx / static_cast<float>(c) - logs);
+        weighted = cw != nullptr ? a.one_minus_eps * weighted - a.eps * (swx - logs * wsum) / static_cast<float>(c)
+                                 : loss;
+      }
+      p_true = expf(-nll);
+    }
+    // d(pw * weighted)/dx_j = A e_j + b0 + cwf w_j, and - sc (1 - eps) w_y at the label
+    // (K = sum_j w_j t'_j, t' = (1 - eps) onehot(y) + eps / C): the CPU kernel's formula.
+    if (a.grad != nullptr && in) {
+      T* gp = static_cast<T*>(a.grad) + r * c;
+      const float sc = active ? pw : 0.0f;
+      const float eps_c = a.eps / static_cast<float>(c);
+      const float kk = cw != nullptr ? a.one_minus_eps * w_y + eps_c * wsum : 1.0f;
+      const float A = bad_row ? nan_f : sc * kk / s;
+      const float b0 = cw != nullptr ? 0.0f : -sc * eps_c;
+      const float cwf = cw != nullptr ? -sc * eps_c : 0.0f;
+      const float fix = -sc * a.one_minus_eps * w_y;
+      if constexpr (NV > 0) {
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+          const int j = l + k * TPR;
+          if (j < ci) {
+            float gv = nan_f;
+            if (!bad_row) {
+              gv = A * v[k] + b0 + (cw != nullptr ? cwf * cw[j] : 0.0f);
+              if (j == ys) gv += fix;
+            }
+            st(gp, j, gv);
+          }
+        }
+      } else {
+        for (int64_t j = l; j < c; j += TPR) {
+          float gv = nan_f;
+          if (!bad_row) {
+            gv = A * expf(ld(x, j) - m) + b0 + (cw != nullptr ? cwf * cw[j] : 0.0f);
+            if (j == ys) gv += fix;
+          }
+          st(gp, j, gv);
+        }
+      }
+    }
+    if (l == 0) {
+      const bool finite = isfinite(loss) && isfinite(p_true);
+      s_loss[g] = loss;
+      s_p[g] = p_true;
+      s_out[g] = active ? pw * weighted : 0.0f;
+      s_den[g] = active ? w_y : 0.0f;
+      s_key[g] = (active && finite) ? static_cast<uint32_t>(i) : kNone;
+      s_info[g] = (bad_index ? I_BAD_INDEX : 0u) | (bad_label ? I_BAD_LABEL : 0u) |
+                  ((active && !finite) ? I_NONFINITE : 0u);
+    }
+    __syncthreads();
+
+    // One thread per row of the tile: the "none" output and, with update, the sample's owner.
+    if (tid < kElect) {
+      const int q = tid;
+      const bool qv = q < R;
+      const int64_t rq = tile * R + q;
+      const bool inq = qv && rq < b;
+      if (inq && a.per_row != nullptr) a.per_row[rq] = s_out[q];
+      if (a.update) {
+        const uint32_t key = qv ? s_key[q] : kNone;
+        const unsigned int peers = __match_any_sync(kFull, key);  // the rows of this warp with the same sample
+        uint32_t owned = kNone;
+        if (key != kNone && (tid & 31) == __ffs(peers) - 1) {
+          // The first of them claims the sample; if another row already did, all of them
+          // are that row's duplicates. Their sums, in row order, go to the owner in one go.
+          const uint32_t prev = atomicCAS(&w.slot[key], 0u, static_cast<uint32_t>(rq) + 1u);
+          const bool owner = prev == 0u;
+          const uint32_t owner_row = owner ? static_cast<uint32_t>(rq) : prev - 1u;
+          double sl = 0.0, sp = 0.0;
+          unsigned int cnt = 0;
+          for (unsigned int rest = owner ? (peers & (peers - 1u)) : peers; rest != 0u; rest &= rest - 1u) {
+            const int qq = (tid & ~31) + (__ffs(rest) - 1);
+            sl += static_cast<double>(s_loss[qq]);
+            sp += static_cast<double>(s_p[qq]);
+            ++cnt;
+          }
+          if (cnt != 0u) {
+            Group* gr = static_cast<Group*>(w.group) + owner_row;
+            atomicAdd(&gr->cnt, cnt);
+            atomicAdd(&gr->sl, sl);
+            atomicAdd(&gr->sp, sp);
+          }
+          if (owner) owned = key;
+        }
+        if (inq) static_cast<RowInfo*>(w.rows)[rq] = RowInfo{s_loss[q], s_p[q], owned, 0u};
+      }
+    }
+    if (tid == 0) {
+      for (int q = 0; q < R; ++q) {
+        part_out += static_cast<double>(s_out[q]);
+        part_den += static_cast<double>(s_den[q]);
+        const uint32_t f = s_info[q];
+        if (f & I_BAD_INDEX) {
+          ++nbi;
+          if (fbi < 0) fbi = tile * R + q;
+        }
+        if (f & I_BAD_LABEL) {
+          ++nbl;
+          if (fbl < 0) fbl = tile * R + q;
+        }
+        if (f & I_NONFINITE) ++nnf;
+      }
+    }
+    __syncthreads();  // the tile's shared arrays are rewritten by the next tile
   }
-  // 3. each run's first position updates its sample: mean loss and p_true in float64, then
-  // the fold in float64 (no fused multiply-add: the reference's roundings), each result
-  // stored saturated, so a finite observation never makes the state inf.
-  double ep_loss = 0.0;
-  int64_t ep_count = 0;
-  const double ema = a.ema, om = a.one_minus_ema;
-  for (int64_t q = tid; q < b; q += blockDim.x) {
-    const uint64_t key = keys[q];
-    if (key == ~0ull) continue;
-    const uint64_t t = key >> 32;
-    if (q > 0 && (keys[q - 1] >> 32) == t) continue;
-    double sl = 0.0, sp = 0.0;
-    int64_t cnt = 0;
-    for (int64_t z = q; z < b && keys[z] != ~0ull && (keys[z] >> 32) == t; ++z, ++cnt) {
-      const RowInfo& ri = rows[keys[z] & 0xffffffffull];
-      sl += static_cast<double>(ri.loss);
-      sp += static_cast<double>(ri.p_true);
+
+  if (tid == 0) {
+    ctl->part_out[blockIdx.x] = part_out;
+    ctl->part_den[blockIdx.x] = part_den;
+    if (nbi) {
+      atomicAdd(&ctl->n_bad_index, nbi);
+      atomicMax(&ctl->first_bad_index, ~static_cast<unsigned int>(fbi));
     }
+    if (nbl) {
+      atomicAdd(&ctl->n_bad_label, nbl);
+      atomicMax(&ctl->first_bad_label, ~static_cast<unsigned int>(fbl));
+    }
+    if (nnf) atomicAdd(&ctl->n_nonfinite, nnf);
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(&ctl->ticket_rows, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  finish_rows(a, ctl, s_red);
+}
+
+// Launch 2 (update only): each owner folds its sample's observation into the state.
+__global__ void __launch_bounds__(kThreads) merge_kernel(StepArgs a, StepWork w) {
+  __shared__ double s_red[32];
+  __shared__ unsigned long long s_redi[32];
+  __shared__ bool s_last;
+  Ctl* ctl = static_cast<Ctl*>(w.ctl);
+  const RowInfo* rows = static_cast<const RowInfo*>(w.rows);
+  Group* groups = static_cast<Group*>(w.group);
+  const int tid = threadIdx.x;
+  const bool refuse = ctl->refuse != 0u;
+  const double ema = a.ema, om = a.one_minus_ema;
+  double ep_loss = 0.0;
+  unsigned long long ep_count = 0;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + tid; r < a.b;
+       r += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const RowInfo ri = rows[r];
+    if (ri.sample == kNone) continue;
+    const int64_t t = ri.sample;
+    Group* gr = groups + r;
+    const unsigned int extra = gr->cnt;
+    double sl = static_cast<double>(ri.loss), sp = static_cast<double>(ri.p);
+    if (extra != 0u) {
+      sl += gr->sl;
+      sp += gr->sp;
+      gr->sl = 0.0;
+      gr->sp = 0.0;
+      gr->cnt = 0u;
+    }
+    w.slot[t] = 0u;
+    if (refuse) continue;
+    // The observation (mean loss and p_true) in float32, then the fold in float64 (no fused
+    // multiply-add: the reference's roundings), each result stored saturated.
+    const int64_t cnt = 1 + static_cast<int64_t>(extra);
     const float obs_l = static_cast<float>(sl / static_cast<double>(cnt));
     const float obs_p = static_cast<float>(sp / static_cast<double>(cnt));
     const double m_old = a.loss[t], v_old = a.loss_var[t], p_old = a.p_true[t];
@@ -268,34 +464,78 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(StepArgs a, con
     a.seen[t] = s_new;
     a.last_epoch[t] = a.epoch;
     ep_loss += sl;
-    ep_count += cnt;
+    ep_count += static_cast<unsigned long long>(cnt);
   }
-  ep_loss = block_sum(ep_loss, sd);
-  ep_count = block_sum(ep_count, si);
+  ep_loss = block_sum(ep_loss, s_red);
+  ep_count = block_sum(ep_count, s_redi);
   if (tid == 0) {
-    a.stats[STAT_EPOCH_LOSS] += ep_loss;
-    a.stats[STAT_EPOCH_COUNT] += static_cast<double>(ep_count);
+    ctl->part_loss[blockIdx.x] = ep_loss;
+    ctl->part_count[blockIdx.x] = ep_count;
+    __threadfence();
+    s_last = atomicAdd(&ctl->ticket_merge, 1u) == gridDim.x - 1;
   }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  double tl = 0.0;
+  unsigned long long tc = 0;
+  for (int q = tid; q < static_cast<int>(gridDim.x); q += kThreads) {
+    tl += __ldcg(&ctl->part_loss[q]);
+    tc += __ldcg(&ctl->part_count[q]);
+  }
+  tl = block_sum(tl, s_red);
+  tc = block_sum(tc, s_redi);
+  if (tid == 0) {
+    if (!refuse) {
+      a.stats[STAT_EPOCH_LOSS] += tl;
+      a.stats[STAT_EPOCH_COUNT] += static_cast<double>(tc);
+    }
+    ctl->refuse = 0u;
+    ctl->ticket_merge = 0u;
+  }
+}
+
+unsigned grid_for(int64_t units) {
+  return static_cast<unsigned>(units < 1 ? 1 : (units > kMaxBlocks ? kMaxBlocks : units));
+}
+
+template <typename T, int TPR, int NV>
+void launch_rows_cfg(const StepArgs& a, const StepWork& w, cudaStream_t stream) {
+  constexpr int R = kThreads / TPR;
+  rows_kernel<T, TPR, NV><<<grid_for((a.b + R - 1) / R), kThreads, 0, stream>>>(a, w);
+}
+
+// Lanes per row and logits kept per lane, by the number of classes.
+template <typename T>
+void launch_rows(const StepArgs& a, const StepWork& w, cudaStream_t stream) {
+  const int64_t c = a.c;
+  if (c <= 4) launch_rows_cfg<T, 4, 1>(a, w, stream);
+  else if (c <= 8) launch_rows_cfg<T, 8, 1>(a, w, stream);
+  else if (c <= 16) launch_rows_cfg<T, 16, 1>(a, w, stream);
+  else if (c <= 32) launch_rows_cfg<T, 32, 1>(a, w, stream);
+  else if (c <= 64) launch_rows_cfg<T, 32, 2>(a, w, stream);
+  else if (c <= 128) launch_rows_cfg<T, 32, 4>(a, w, stream);
+  else if (c <= 256) launch_rows_cfg<T, 32, 8>(a, w, stream);
+  else if (c <= 512) launch_rows_cfg<T, 32, 16>(a, w, stream);
+  else if (c <= 1024) launch_rows_cfg<T, 32, 32>(a, w, stream);
+  else launch_rows_cfg<T, 32, 0>(a, w, stream);
 }
 
 }  // namespace
 
+int64_t step_ctl_bytes() { return align256(static_cast<int64_t>(sizeof(Ctl))); }
+int64_t step_group_bytes(int64_t b) { return align256((b > 0 ? b : 1) * static_cast<int64_t>(sizeof(Group))); }
 int64_t step_rows_bytes(int64_t b) { return align256((b > 0 ? b : 1) * static_cast<int64_t>(sizeof(RowInfo))); }
-int64_t step_sort_len(int64_t b) { return next_pow2(b); }
 
-const char* launch_step(const StepArgs& a, void* stream_ptr) {
+const char* launch_step(const StepArgs& a, const StepWork& w, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  RowInfo* rows = static_cast<RowInfo*>(a.rows);
-  if (a.b > 0) {
-    const unsigned blocks = static_cast<unsigned>((a.b + kRowWarps - 1) / kRowWarps);
-    switch (a.logits_type) {
-      case kF32: row_kernel<float><<<blocks, 32 * kRowWarps, 0, stream>>>(a, rows); break;
-      case kF16: row_kernel<__half><<<blocks, 32 * kRowWarps, 0, stream>>>(a, rows); break;
-      case kBF16: row_kernel<__nv_bfloat16><<<blocks, 32 * kRowWarps, 0, stream>>>(a, rows); break;
-      default: return "fastsel: unsupported logits type";
-    }
+  switch (a.logits_type) {
+    case kF32: launch_rows<float>(a, w, stream); break;
+    case kF16: launch_rows<__half>(a, w, stream); break;
+    case kBF16: launch_rows<__nv_bfloat16>(a, w, stream); break;
+    default: return "fastsel: unsupported logits type";
   }
-  finalize_kernel<<<1, kFinalThreads, 0, stream>>>(a, rows, step_sort_len(a.b));
+  if (a.update) merge_kernel<<<grid_for((a.b + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a, w);
   return last_error();
 }
 

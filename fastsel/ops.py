@@ -100,19 +100,32 @@ _FAKES: Dict[str, Callable] = {"ce_step": _ce_step_fake, "observe": _observe_fak
 
 # ---- the autograd formulas, once for every implementation ------------------------------------
 
+def _plain_eager() -> bool:
+    """No compile, tracing, dispatch mode or functorch transform is active."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
+                or torch._C._are_functorch_transforms_active())
+
+
 def _eager_ones(*ts: torch.Tensor) -> bool:
     """Whether every ``t`` is a host scalar equal to 1, read only in plain eager mode (no
-    compile, tracing or dispatch mode active; no sync: they are on the CPU)."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
-            or torch._C._are_functorch_transforms_active()):
-        return False
-    return all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dim() == 0
+    sync: they are on the CPU)."""
+    return _plain_eager() and all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dim() == 0
                and t.item() == 1.0 for t in ts)
 
 
 def _ce_step_setup(ctx, inputs, output):
     ctx.per_row = inputs[-5] == layout.REDUCTION_NONE
     ctx.save_for_backward(output[1], output[2])
+
+
+#: One-launch kernels of the ce_step backward ``grad * (g_out * scale)`` by impl, with the
+#: device types they run on; used in plain eager mode (the formula below takes two launches).
+_SCALE_GRAD: Dict[str, Tuple[Callable, Tuple[str, ...]]] = {}
+
+
+def register_scale_grad(impl: str, fn: Callable, device_types: Tuple[str, ...]) -> None:
+    """Register ``fn(grad, g_out, scale, per_row)``, bit-identical to the backward formula."""
+    _SCALE_GRAD[impl] = (fn, tuple(device_types))
 
 
 def _ce_step_backward(ctx, g_out, _g_grad=None, _g_scale=None):
@@ -122,6 +135,9 @@ def _ce_step_backward(ctx, g_out, _g_grad=None, _g_scale=None):
         return (None,) * n_in
     if not ctx.per_row and _eager_ones(g_out, scale):
         return (grad,) + (None,) * (n_in - 1)  # the usual loss.backward(): no copy
+    fused = _SCALE_GRAD.get(ctx.impl)
+    if fused is not None and grad.device.type in fused[1] and grad.dim() == 2 and _plain_eager():
+        return (fused[0](grad, g_out, scale, ctx.per_row),) + (None,) * (n_in - 1)
     s = g_out.to(torch.float32) * scale
     if ctx.per_row:
         s = s.unsqueeze(1)
@@ -157,6 +173,7 @@ def _register_autograd(op: str, impl: str, backward: Callable, setup: Callable) 
         @staticmethod
         def forward(ctx, keyset, *args):  # type: ignore[override]
             ctx.set_materialize_grads(False)
+            ctx.impl = impl
             with torch._C._AutoDispatchBelowAutograd():
                 output = overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
             setup(ctx, args, output)

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 ARCHS = (80, 90)
 
-_F32, _I64, _I32 = "*fp32", "*i64", "*i32"
+_F32, _F64, _I64, _I32 = "*fp32", "*fp64", "*i64", "*i32"
 #: Runtime argument types of each kernel, in order; ``{dtype}`` is the logits' element type
 #: and ``{index}`` that of labels and indices.
 SIGNATURES: Dict[str, List[tuple]] = {
@@ -30,35 +30,42 @@ SIGNATURES: Dict[str, List[tuple]] = {
                        ("labels_ptr", "*{index}"), ("indices_ptr", "*{index}"), ("pweight_ptr", _F32), ("cweight_ptr", _F32),
                        ("loss_ptr", _F32), ("ptrue_ptr", _F32), ("row_ptr", _F32),
                        ("wy_ptr", _F32), ("flags_ptr", _I32), ("grad_ptr", "*{dtype}"),
+                       ("dup_ptr", _I32), ("acc_ptr", _F64), ("grp_ptr", _I32),
                        ("B", "i32"), ("C", "i32"), ("N", "i32"), ("ignore_index", "i32"),
-                       ("eps", "fp32"), ("one_m_eps", "fp32")],
-    "state_update_kernel": [("flags_ptr", _I32), ("indices_ptr", _I64), ("labels_ptr", _I64),
+                       ("eps", "fp32"), ("one_m_eps", "fp32"), ("count", "i32")],
+    "merge_update_kernel": [("flags_ptr", _I32), ("indices_ptr", _I64), ("labels_ptr", _I64),
                             ("loss_ptr", _F32), ("ptrue_ptr", _F32), ("row_ptr", _F32),
                             ("wy_ptr", _F32), ("s_loss_ptr", _F32),
                             ("s_var_ptr", _F32), ("s_p_ptr", _F32), ("s_seen_ptr", _I32),
-                            ("s_last_ptr", _I32), ("stats_ptr", "*fp64"), ("errors_ptr", _I64),
+                            ("s_last_ptr", _I32), ("stats_ptr", _F64), ("errors_ptr", _I64),
                             ("out_ptr", _F32), ("scale_ptr", _F32),
-                            ("B", "i32"), ("epoch", "i32"), ("ema", "fp32"),
-                            ("one_m_ema", "fp32"), ("NUM_UPDATE", "i32"), ("update", "i32"),
+                            ("dup_ptr", _I32), ("acc_ptr", _F64), ("grp_ptr", _I32),
+                            ("part_ptr", _F64),
+                            ("B", "i32"), ("N", "i32"), ("epoch", "i32"), ("ema", "fp32"),
+                            ("one_m_ema", "fp32"), ("update", "i32"),
                             ("reduction", "i32"), ("safe_mean", "i32")],
     "observe_rows_kernel": [("losses_ptr", "*{dtype}"), ("probs_ptr", "*{dtype}"),
                             ("indices_ptr", "*{index}"), ("pweight_ptr", _F32),
                             ("loss_ptr", _F32), ("ptrue_ptr", _F32), ("row_ptr", _F32),
                             ("wy_ptr", _F32), ("flags_ptr", _I32), ("scale_ptr", _F32),
-                            ("B", "i32"), ("N", "i32")],
-    "radix_hist_kernel": [("keys_ptr", _F32), ("N", "i32"), ("ctrl_ptr", _I64), ("hist_ptr", _I32)],
-    "radix_pick_kernel": [("ctrl_ptr", _I64), ("hist_ptr", _I32)],
-    "select_count_kernel": [("keys_ptr", _F32), ("N", "i32"), ("ctrl_ptr", _I64),
-                            ("gt_ptr", _I64), ("eq_ptr", _I64)],
-    "select_scan_kernel": [("ctrl_ptr", _I64), ("gt_ptr", _I64), ("eq_ptr", _I64),
-                           ("num_blocks", "i32")],
-    "select_write_kernel": [("keys_ptr", _F32), ("N", "i32"), ("ctrl_ptr", _I64),
-                            ("eqb_ptr", _I64), ("outb_ptr", _I64), ("out_idx_ptr", _I64),
-                            ("out_key_ptr", _I64)],
+                            ("dup_ptr", _I32), ("acc_ptr", _F64), ("grp_ptr", _I32),
+                            ("B", "i32"), ("N", "i32"), ("count", "i32")],
+    "scale_grad_kernel": [("grad_ptr", "*{dtype}"), ("gout_ptr", _F32), ("gout_stride", "i32"),
+                          ("scale_ptr", _F32), ("out_ptr", "*{dtype}"), ("numel", "i64"),
+                          ("C", "i32")],
+    "radix_first_kernel": [("keys_ptr", _F32), ("N", "i32"), ("k", "i32"), ("ctrl_ptr", _I64),
+                           ("hist_ptr", _I32)],
+    "radix_filter_kernel": [("keys_ptr", _F32), ("N", "i32"), ("ctrl_ptr", _I64),
+                            ("hist_ptr", _I32), ("cand_ptr", _I32)],
+    "radix_cand_kernel": [("keys_ptr", _F32), ("ctrl_ptr", _I64), ("hist_ptr", _I32),
+                          ("cand_ptr", _I32)],
+    "select_compact_kernel": [("keys_ptr", _F32), ("N", "i32"), ("ctrl_ptr", _I64),
+                              ("status_ptr", _I64), ("out_idx_ptr", _I64), ("out_key_ptr", _I32)],
     "batch_topk_kernel": [("keys_ptr", _F32), ("B", "i32"), ("k", "i32"), ("out_ptr", _I64)],
     "uniform_kernel": [("idx_ptr", _I64), ("out_ptr", _F32), ("n", "i32"), ("base", "i64")],
 }
-_MODULE = {"ce_step_kernel": "step", "state_update_kernel": "step", "observe_rows_kernel": "step",
+_MODULE = {"ce_step_kernel": "step", "merge_update_kernel": "step", "observe_rows_kernel": "step",
+           "scale_grad_kernel": "step",
            "uniform_kernel": "noise"}
 
 

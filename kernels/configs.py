@@ -13,16 +13,25 @@ STEP_BLOCK_C = (16, 32, 64, 128, 256, 512, 1024, 2048)
 #: Elements per fused-step tile on a GPU (rows x column chunk).
 STEP_TILE = 2048
 STEP_MAX_ROWS = 64
-#: Pairwise duplicate merge of the state update: rows owned per program x rows per sweep tile.
-STATE_BLOCK_I, STATE_BLOCK_J, STATE_WARPS = 32, 128, 4
-#: Elements per program of the selection passes, and the block of the per-block scan.
-SELECT_BLOCK, SELECT_WARPS, SCAN_BLOCK = 4096, 8, 1024
-#: Radix select: 8-bit digits of the 32-bit sortable key, most significant first.
-RADIX_SHIFTS = (24, 16, 8, 0)
+#: Merge + update launch: rows per program (one lane per row, a grid over the rows), the
+#: tile of the last program's sum over the per-program partials, warps.
+MERGE_BLOCK, MERGE_PBLOCK, MERGE_WARPS = 256, 128, 4
+#: float64 partials per program of the merge launch (``kernels/step.py`` P_STRIDE).
+MERGE_PARTIALS = 9
+#: Radix threshold select: keys per program of the passes over the keys and of the
+#: compaction, warps; programs of the pass over the candidates (a grid-stride loop, since
+#: their number is only known on the device); 11-bit digits (2048 bins).
+SELECT_BLOCK, SELECT_WARPS = 4096, 8
+SELECT_CAND_PROGRAMS = 264
+RADIX_BINS = 2048
+#: The compaction packs two counts of at most 30 bits in one int64 status word.
+SELECT_MAX_N = (1 << 30) - 1
 #: In-batch top-k by pairwise ranking: rows ranked per program x rows per sweep tile.
 TOPK_BLOCK_I, TOPK_BLOCK_J, TOPK_WARPS = 64, 128, 8
 BATCH_TOPK_MAX = 8192
 NOISE_BLOCK = 1024
+#: Elements per program of the one-launch backward scaling.
+SCALE_BLOCK, SCALE_WARPS = 2048, 4
 #: Rows per program of observe's per-row kernel.
 OBSERVE_BLOCK, OBSERVE_WARPS = 1024, 4
 
@@ -46,12 +55,25 @@ def step_blocks(c: int, b: int = 1, interpret: bool = False) -> Tuple[int, int, 
     return br, bc, c <= bc, warps
 
 
-def state_blocks(b: int, interpret: bool = False) -> Tuple[int, int, int]:
-    """(BLOCK_I, BLOCK_J, num_warps) of the state update's pairwise duplicate merge."""
+def merge_blocks(b: int, interpret: bool = False) -> Tuple[int, int, int]:
+    """(BLOCK, PBLOCK, num_warps) of the merge + update launch over B rows."""
     if interpret:
-        bj = min(1024, next_pow2(b))
-        return min(256, bj), bj, 4
-    return STATE_BLOCK_I, STATE_BLOCK_J, STATE_WARPS
+        return max(16, min(1024, next_pow2(b))), 16, 4
+    return MERGE_BLOCK, MERGE_PBLOCK, MERGE_WARPS
+
+
+def scale_blocks(interpret: bool = False) -> Tuple[int, int]:
+    """(BLOCK, num_warps) of the one-launch backward scaling."""
+    if interpret:
+        return 1 << 16, 4
+    return SCALE_BLOCK, SCALE_WARPS
+
+
+def select_blocks(interpret: bool = False) -> Tuple[int, int, int]:
+    """(BLOCK, num_warps, candidate programs) of the radix threshold select."""
+    if interpret:
+        return 16384, 4, 4
+    return SELECT_BLOCK, SELECT_WARPS, SELECT_CAND_PROGRAMS
 
 
 def observe_blocks(b: int, interpret: bool = False) -> Tuple[int, int]:
@@ -106,18 +128,17 @@ def gpu_configs() -> List[Dict]:
                         constexprs=dict(HAS_PROBS=has_probs, BLOCK=OBSERVE_BLOCK)))
     out.append(dict(kernel="observe_rows_kernel", dtype="fp32", index="i32",
                     num_warps=OBSERVE_WARPS, constexprs=dict(HAS_PROBS=False, BLOCK=OBSERVE_BLOCK)))
-    out.append(dict(kernel="state_update_kernel", num_warps=STATE_WARPS,
+    out.append(dict(kernel="merge_update_kernel", num_warps=MERGE_WARPS,
                     options=dict(enable_fp_fusion=False),  # the reference's roundings
-                    constexprs=dict(BLOCK_I=STATE_BLOCK_I, BLOCK_J=STATE_BLOCK_J)))
-    for shift in RADIX_SHIFTS:
-        out.append(dict(kernel="radix_hist_kernel", num_warps=SELECT_WARPS,
-                        constexprs=dict(SHIFT=shift, BLOCK=SELECT_BLOCK)))
-        out.append(dict(kernel="radix_pick_kernel", num_warps=4, constexprs=dict(SHIFT=shift)))
-    out.append(dict(kernel="select_count_kernel", num_warps=SELECT_WARPS,
-                    constexprs=dict(BLOCK=SELECT_BLOCK)))
-    out.append(dict(kernel="select_scan_kernel", num_warps=4, constexprs=dict(BLOCK=SCAN_BLOCK)))
-    out.append(dict(kernel="select_write_kernel", num_warps=SELECT_WARPS,
-                    constexprs=dict(BLOCK=SELECT_BLOCK)))
+                    constexprs=dict(BLOCK=MERGE_BLOCK, PBLOCK=MERGE_PBLOCK)))
+    for dt in ("fp32", "bf16", "fp16"):
+        for per_row in (False, True):
+            out.append(dict(kernel="scale_grad_kernel", dtype=dt, num_warps=SCALE_WARPS,
+                            constexprs=dict(PER_ROW=per_row, BLOCK=SCALE_BLOCK)))
+    for kernel in ("radix_first_kernel", "radix_filter_kernel", "radix_cand_kernel",
+                   "select_compact_kernel"):
+        out.append(dict(kernel=kernel, num_warps=SELECT_WARPS,
+                        constexprs=dict(BLOCK=SELECT_BLOCK)))
     out.append(dict(kernel="batch_topk_kernel", num_warps=TOPK_WARPS,
                     constexprs=dict(BLOCK_I=TOPK_BLOCK_I, BLOCK_J=TOPK_BLOCK_J)))
     out.append(dict(kernel="uniform_kernel", num_warps=4, constexprs=dict(BLOCK=NOISE_BLOCK)))

@@ -1,15 +1,38 @@
-"""The fused step: per-row cross-entropy, p_true and d(loss)/d(logits) in one pass over the
-logits (``ce_step_kernel``), then the per-sample state update with duplicates merged
-(``state_update_kernel``). ``observe`` (per-sample losses of any loss function) builds the
-same per-row arrays with ``observe_rows_kernel`` and reuses ``state_update_kernel``, so the
-update has one definition on Triton.
+"""The fused step in two launches: ``ce_step_kernel`` (per-row cross-entropy, p_true and
+d(loss)/d(logits) in one read of the logits) and ``merge_update_kernel`` (duplicates merged,
+the state folded, the batch totals and the reduction). ``observe`` (per-sample losses of any
+loss function) builds the same per-row arrays with ``observe_rows_kernel`` and reuses
+``merge_update_kernel``, so the update has one definition on Triton.
 
 Why two launches: duplicates of a sample in one batch are ONE observation of their mean
-loss, so the update needs every row's loss first; a grid-wide barrier does not exist in
-Triton, so the merge is a second (small, O(B) reads per program) launch. It resolves
-duplicates without atomics or sorting: each row compares its index against every row of
-the batch, the lowest row of a group owns it, sums its group in float64 in row order, and
-alone writes the state. The result is deterministic and never races.
+loss, so the fold needs every row's loss first, and Triton has no grid-wide barrier.
+
+The merge, O(1) work per row and no sort, no pairwise pass, no single-program stage:
+
+* ``dup``: a per-state int32 scratch of N + 2 entries that is all zero between steps
+  (slot N: a dummy target that stays 0; slot N + 1: the ticket of the last program).
+* Rows kernel: each observed row does ``atomic_add(dup[idx], 1)``, so after the launch
+  ``dup[idx]`` is the number of observed rows of sample ``idx`` (c). It also zeroes its own
+  row's slots of the per-call group scratch ``acc`` (float64 loss and p_true sums) and
+  ``grp`` (int32 arrival counter; the group count beside it needs no zeroing).
+* Merge kernel, one lane per row: a row with c == 1 is alone: it folds its own observation
+  and resets ``dup[idx]``. A row of a group (c > 1) learns its group's slot f, a row of the
+  group: the first to ``atomic_cas(dup[idx], c, -(r + 1))`` claims ``dup[idx]`` with its row
+  r, the others read -(f + 1) back. Each member adds its loss and p_true (float64) into
+  ``acc[f]`` and then arrives at ``grp[f]``: the claimer adds 1 - c (after storing c beside
+  it), the others 1, so the counter is 0 exactly after the last arrival, whichever row that
+  is. That row folds the group's sums (one observation of their mean, as the reference's
+  ``merge_duplicates``: float64 sums of float32 values, exact for a few values, so the
+  order of the adds does not matter) and resets ``dup[idx]`` to 0. A batch whose rows all
+  carry one index costs B atomics on a few addresses: O(B), no serial loop over the group.
+* Totals: each program writes its partial sums (reduction, divisor, counts, first bad row)
+  to ``part``; the program that takes the last ticket on ``dup[N + 1]`` reduces them in
+  program order (deterministic), writes ``out``, ``scale`` (1/divisor under "mean", on the
+  device: no host sync), the epoch stats and the error counters, and resets the ticket.
+
+The gradient is written unscaled by the reduction; its scale is the 0-d ``scale`` and the
+autograd formula (``fastsel.ops``) multiplies by ``grad_output * scale`` in backward, a
+multiply that a device-side grad_output needs anyway.
 
 The slots of ``stats`` and ``errors`` come from ``fastsel.layout`` (module-level constexprs).
 """
@@ -27,7 +50,7 @@ ERR_INDEX_VALUE = tl.constexpr(layout.ERR_INDEX_VALUE)
 ERR_LABEL_COUNT = tl.constexpr(layout.ERR_LABEL_COUNT)
 ERR_LABEL_VALUE = tl.constexpr(layout.ERR_LABEL_VALUE)
 
-# Per-row flags written by ce_step_kernel / observe_rows_kernel, read by state_update_kernel.
+# Per-row flags written by ce_step_kernel / observe_rows_kernel, read by merge_update_kernel.
 FLAG_ACTIVE = tl.constexpr(1)     # label not ignored, index and label in range
 FLAG_FINITE = tl.constexpr(2)     # the row's loss and p_true are finite
 FLAG_BAD_INDEX = tl.constexpr(4)
@@ -42,7 +65,8 @@ STATE_MAX = tl.constexpr(layout.STATE_MAX)
 @triton.jit
 def ce_step_kernel(logits_ptr, stride_row, labels_ptr, indices_ptr, pweight_ptr, cweight_ptr,
                    loss_ptr, ptrue_ptr, row_ptr, wy_ptr, flags_ptr, grad_ptr,
-                   B, C, N, ignore_index, eps, one_m_eps,
+                   dup_ptr, acc_ptr, grp_ptr,
+                   B, C, N, ignore_index, eps, one_m_eps, count,
                    HAS_CW: tl.constexpr, SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
     """BLOCK_R rows per program: online softmax in fp32 over BLOCK_C-column chunks.
@@ -51,7 +75,8 @@ def ce_step_kernel(logits_ptr, stride_row, labels_ptr, indices_ptr, pweight_ptr,
     loss for the reduction, the class weight of active rows and the flags; with WRITE_GRAD,
     d(policy weight * weighted loss)/d(logits) (the reduction's scale is applied in backward).
     Rows left out get gradient 0 * softmax, like autograd through ``F.cross_entropy``: NaN
-    when the row's logits hold a NaN (or +inf), else 0.
+    when the row's logits hold a NaN (or +inf), else 0. With ``count`` nonzero (the step
+    updates the state), the duplicate count of each observed row's sample (``_count_rows``).
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -171,6 +196,20 @@ def ce_step_kernel(logits_ptr, stride_row, labels_ptr, indices_ptr, pweight_ptr,
     tl.store(row_ptr + rows, tl.where(active, pw * weighted, 0.0), mask=rmask)
     tl.store(wy_ptr + rows, tl.where(active, w_y, 0.0), mask=rmask)
     tl.store(flags_ptr + rows, flags, mask=rmask)
+    _count_rows(dup_ptr, acc_ptr, grp_ptr, rows, idx, finite & active, B, count)
+
+
+@triton.jit
+def _count_rows(dup_ptr, acc_ptr, grp_ptr, rows, idx, observed, B, count):
+    """The rows kernels' half of the merge (module docstring): every observed row counts
+    itself in ``dup[idx]``; every row zeroes its slots of the group sums and arrivals."""
+    on = rows < tl.where(count != 0, B, 0)   # the rows, or none (written without a block &
+    #                                           scalar bool, which the interpreter makes int32)
+    tl.atomic_add(dup_ptr + tl.where(observed, idx, 0), 1, mask=on & observed, sem="relaxed")
+    zero = tl.zeros(rows.shape, tl.float64)
+    tl.store(acc_ptr + rows, zero, mask=on)
+    tl.store(acc_ptr + B + rows, zero, mask=on)
+    tl.store(grp_ptr + rows, tl.zeros(rows.shape, tl.int32), mask=on)
 
 
 @triton.jit
@@ -198,13 +237,15 @@ def _observed(v):
 
 @triton.jit
 def observe_rows_kernel(losses_ptr, probs_ptr, indices_ptr, pweight_ptr,
-                        loss_ptr, ptrue_ptr, row_ptr, wy_ptr, flags_ptr, scale_ptr, B, N,
+                        loss_ptr, ptrue_ptr, row_ptr, wy_ptr, flags_ptr, scale_ptr,
+                        dup_ptr, acc_ptr, grp_ptr, B, N, count,
                         HAS_PROBS: tl.constexpr, BLOCK: tl.constexpr):
-    """``observe``'s per-row arrays for ``state_update_kernel``: the observed loss (float32,
+    """``observe``'s per-row arrays for ``merge_update_kernel``: the observed loss (float32,
     saturated), p_true (the given probabilities, else exp(-loss), saturated), the flags, the
     policy-weighted loss of active rows (0 for the others; a float64 loss beyond float32's
     range is inf there, as the reference's), weight 1 per active row (the mean's count) and
-    the row's scale before the reduction (its policy weight if active, else 0)."""
+    the row's scale before the reduction (its policy weight if active, else 0); with
+    ``count``, the duplicate counts (``_count_rows``)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < B
     idx = tl.load(indices_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -229,6 +270,7 @@ def observe_rows_kernel(losses_ptr, probs_ptr, indices_ptr, pweight_ptr,
     tl.store(wy_ptr + rows, tl.where(active, 1.0, 0.0), mask=rmask)
     tl.store(flags_ptr + rows, flags, mask=rmask)
     tl.store(scale_ptr + rows, scale, mask=rmask)
+    _count_rows(dup_ptr, acc_ptr, grp_ptr, rows, idx, finite & active, B, count)
 
 
 @triton.jit
@@ -247,20 +289,37 @@ def _grad_coef(p, hot, w_y, wc, sum_w, pw, eps, one_m_eps, C, HAS_CW: tl.constex
     return g * pw[:, None]
 
 
+# Per-program partials of merge_update_kernel (float64 slots of ``part``).
+P_ROW = tl.constexpr(0)       # sum of the per-row outputs (float32 sum)
+P_WY = tl.constexpr(1)        # sum of the active rows' class weights (float32 sum): the divisor
+P_NONFINITE = tl.constexpr(2)
+P_COUNT = tl.constexpr(3)     # observed rows
+P_TOTAL = tl.constexpr(4)     # float64 sum of the observed losses
+P_NBI = tl.constexpr(5)
+P_FBI = tl.constexpr(6)       # first row with a bad index (B if none)
+P_NBL = tl.constexpr(7)
+P_FBL = tl.constexpr(8)
+P_STRIDE = tl.constexpr(9)
+#: The slot of ``dup`` past the dummy slot N: the ticket of the totals.
+DUP_TICKET = tl.constexpr(1)
+
+
 @triton.jit
-def state_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr, row_ptr, wy_ptr,
+def merge_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr, row_ptr, wy_ptr,
                         s_loss_ptr, s_var_ptr, s_p_ptr, s_seen_ptr, s_last_ptr,
-                        stats_ptr, errors_ptr, out_ptr, scale_ptr, B, epoch, ema, one_m_ema,
-                        NUM_UPDATE, update, reduction, safe_mean,
-                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Programs < NUM_UPDATE: merge duplicates and update the state of the rows they own.
-    Program NUM_UPDATE: batch totals (non-finite count, epoch loss/count into ``stats`` if
-    ``update`` is nonzero; the error counters always) and the reduction, so "sum" and "mean"
-    need no further launch: ``out`` = the sum of the per-row outputs, divided under "mean"
-    by the sum of the active rows' class weights ``den`` (0/0 = NaN, as F.cross_entropy);
-    ``scale`` = 1/den under "mean", else 1. With ``safe_mean`` (observe) a batch without
-    an active row has scale 0 and out 0. A call without update launches the totals program
-    alone (NUM_UPDATE = 0, update = 0).
+                        stats_ptr, errors_ptr, out_ptr, scale_ptr,
+                        dup_ptr, acc_ptr, grp_ptr, part_ptr,
+                        B, N, epoch, ema, one_m_ema, update, reduction, safe_mean,
+                        BLOCK: tl.constexpr, PBLOCK: tl.constexpr):
+    """One lane per row, BLOCK rows per program, a grid over the rows (no pairwise pass):
+    with ``update`` nonzero, merge duplicates and fold each sample's observation into the
+    state (module docstring); every program adds its partial totals, and the last one
+    writes ``out``, ``scale``, the stats (if ``update``) and the error counters.
+
+    ``out`` = the sum of the per-row outputs, divided under "mean" by the sum of the active
+    rows' class weights ``den`` (0/0 = NaN, as F.cross_entropy); ``scale`` = 1/den under
+    "mean", else 1. With ``safe_mean`` (observe) a batch without an active row has scale 0
+    and out 0.
 
     Update rules (as the reference, fastsel/state.py): first observation sets the mean,
     variance 0; otherwise m += a*d, v = (1-a)*(v + a*d*d); p_true is the running mean over
@@ -269,44 +328,53 @@ def state_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr,
     saturated at +-STATE_MAX, so a finite observation never makes the state inf.
     """
     pid = tl.program_id(0)
-    if pid < NUM_UPDATE:
-        ri = pid * BLOCK_I + tl.arange(0, BLOCK_I)
-        mi = ri < B
-        fi = tl.load(flags_ptr + ri, mask=mi, other=0)
-        obs_i = (fi & FLAG_OBSERVED) == FLAG_OBSERVED
-        idx_i = tl.load(indices_ptr + ri, mask=mi, other=0).to(tl.int64)
-        key_i = tl.where(obs_i, idx_i, -1)
-        sum_l = tl.zeros([BLOCK_I], tl.float64)
-        sum_p = tl.zeros([BLOCK_I], tl.float64)
-        cnt = tl.zeros([BLOCK_I], tl.int32)
-        before = tl.zeros([BLOCK_I], tl.int32)
-        for j0 in range(0, B, BLOCK_J):
-            rj = j0 + tl.arange(0, BLOCK_J)
-            mj = rj < B
-            fj = tl.load(flags_ptr + rj, mask=mj, other=0)
-            obs_j = (fj & FLAG_OBSERVED) == FLAG_OBSERVED
-            key_j = tl.where(obs_j, tl.load(indices_ptr + rj, mask=mj, other=0).to(tl.int64), -2)
-            eq = key_i[:, None] == key_j[None, :]
-            hits = tl.sum(eq.to(tl.int32), axis=1)
-            if tl.sum(hits, axis=0) > 0:  # most tiles hold no duplicate: skip the f64 sums
-                lj = tl.load(loss_ptr + rj, mask=mj, other=0.0).to(tl.float64)
-                pj = tl.load(ptrue_ptr + rj, mask=mj, other=0.0).to(tl.float64)
-                sum_l += tl.sum(tl.where(eq, lj[None, :], 0.0), axis=1)
-                sum_p += tl.sum(tl.where(eq, pj[None, :], 0.0), axis=1)
-                cnt += hits
-                before += tl.sum((eq & (rj[None, :] < ri[:, None])).to(tl.int32), axis=1)
-        owner = obs_i & (before == 0)
-        t = tl.where(owner, idx_i, 0)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    rm = rows < B
+    f = tl.load(flags_ptr + rows, mask=rm, other=0)
+    obs = (f & FLAG_OBSERVED) == FLAG_OBSERVED
+    idx = tl.load(indices_ptr + rows, mask=rm, other=0).to(tl.int64)
+    lo = tl.load(loss_ptr + rows, mask=rm, other=0.0)
+    if update != 0:
+        sidx = tl.where(obs, idx, N)            # slot N of dup is a dummy that stays 0
+        l64 = lo.to(tl.float64)
+        p64 = tl.load(ptrue_ptr + rows, mask=rm, other=0.0).to(tl.float64)
+        v = tl.load(dup_ptr + sidx, mask=obs, other=0)   # c > 0, or -(f + 1) once claimed
+        alone = obs & (v == 1)
+        grouped = obs & (v != 1) & (v != 0)
+        need_cas = grouped & (v > 1)
+        enc = -(rows + 1)
+        # Lanes without a claim to make compare the dummy slot with -1: never equal, no write.
+        old = tl.atomic_cas(dup_ptr + tl.where(need_cas, sidx, N), tl.where(need_cas, v, -1),
+                            enc, sem="relaxed")
+        claimer = need_cas & (old == v)
+        code = tl.where(claimer, enc, tl.where(need_cas, old, v))
+        slot = tl.where(grouped, -code - 1, 0)
+        tl.atomic_add(acc_ptr + slot, l64, mask=grouped, sem="relaxed")
+        tl.atomic_add(acc_ptr + B + slot, p64, mask=grouped, sem="relaxed")
+        tl.store(grp_ptr + B + slot, v, mask=claimer)    # the group's count, for its last row
+        tl.debug_barrier()
+        add = tl.where(claimer, 1 - v, 1)
+        before = tl.atomic_add(grp_ptr + slot, add, mask=grouped, sem="acq_rel")
+        last = grouped & ((before + add) == 0)
+        g_l = tl.atomic_add(acc_ptr + slot, tl.zeros([BLOCK], tl.float64), mask=last, sem="relaxed")
+        g_p = tl.atomic_add(acc_ptr + B + slot, tl.zeros([BLOCK], tl.float64), mask=last,
+                            sem="relaxed")
+        g_c = tl.atomic_add(grp_ptr + B + slot, tl.zeros([BLOCK], tl.int32), mask=last,
+                            sem="relaxed")
+        fold = alone | last
+        sum_l = tl.where(last, g_l, l64)
+        sum_p = tl.where(last, g_p, p64)
+        cnt = tl.where(last, g_c, 1)
+        t = tl.where(fold, idx, 0)
         c64 = cnt.to(tl.float64)
-        safe = tl.maximum(c64, 1.0)
-        obs_l = (sum_l / safe).to(tl.float32).to(tl.float64)
-        obs_p = (sum_p / safe).to(tl.float32).to(tl.float64)
-        m_old = tl.load(s_loss_ptr + t, mask=owner, other=0.0).to(tl.float64)
-        v_old = tl.load(s_var_ptr + t, mask=owner, other=0.0).to(tl.float64)
-        p_old = tl.load(s_p_ptr + t, mask=owner, other=0.0).to(tl.float64)
-        s_old = tl.load(s_seen_ptr + t, mask=owner, other=0)
+        obs_l = (sum_l / c64).to(tl.float32).to(tl.float64)
+        obs_p = (sum_p / c64).to(tl.float32).to(tl.float64)
+        m_old = tl.load(s_loss_ptr + t, mask=fold, other=0.0).to(tl.float64)
+        v_old = tl.load(s_var_ptr + t, mask=fold, other=0.0).to(tl.float64)
+        p_old = tl.load(s_p_ptr + t, mask=fold, other=0.0).to(tl.float64)
+        s_old = tl.load(s_seen_ptr + t, mask=fold, other=0)
         first = s_old == 0
-        zero32 = tl.zeros([BLOCK_I], tl.float32)  # the float32 scalars, widened exactly
+        zero32 = tl.zeros([BLOCK], tl.float32)  # the float32 scalars, widened exactly
         a = (zero32 + ema).to(tl.float64)
         b = (zero32 + one_m_ema).to(tl.float64)
         delta = obs_l - m_old
@@ -316,67 +384,112 @@ def state_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr,
         s_new = s_old + cnt
         ratio = c64 / tl.maximum(s_new.to(tl.float64), 1.0)
         p_new = _saturate(p_old + (obs_p - p_old) * ratio)
-        tl.store(s_loss_ptr + t, m_new, mask=owner)
-        tl.store(s_var_ptr + t, v_new, mask=owner)
-        tl.store(s_p_ptr + t, p_new, mask=owner)
-        tl.store(s_seen_ptr + t, s_new, mask=owner)
-        tl.store(s_last_ptr + t, tl.zeros([BLOCK_I], tl.int32) + epoch, mask=owner)
+        tl.store(s_loss_ptr + t, m_new, mask=fold)
+        tl.store(s_var_ptr + t, v_new, mask=fold)
+        tl.store(s_p_ptr + t, p_new, mask=fold)
+        tl.store(s_seen_ptr + t, s_new, mask=fold)
+        tl.store(s_last_ptr + t, tl.zeros([BLOCK], tl.int32) + epoch, mask=fold)
+        tl.store(dup_ptr + t, tl.zeros([BLOCK], tl.int32), mask=fold)   # dup is 0 again
+    # ---- this program's partial totals
+    act = (f & FLAG_ACTIVE) != 0
+    bi = (f & FLAG_BAD_INDEX) != 0
+    bl = (f & FLAG_BAD_LABEL) != 0
+    pp = part_ptr + pid * P_STRIDE
+    tl.store(pp + P_ROW, tl.sum(tl.load(row_ptr + rows, mask=rm, other=0.0), axis=0).to(tl.float64))
+    tl.store(pp + P_WY, tl.sum(tl.load(wy_ptr + rows, mask=rm, other=0.0), axis=0).to(tl.float64))
+    tl.store(pp + P_NONFINITE, tl.sum((act & ~obs).to(tl.int32), axis=0).to(tl.float64))
+    tl.store(pp + P_COUNT, tl.sum(obs.to(tl.int32), axis=0).to(tl.float64))
+    tl.store(pp + P_TOTAL, tl.sum(tl.where(obs, lo.to(tl.float64), 0.0), axis=0))
+    tl.store(pp + P_NBI, tl.sum(bi.to(tl.int32), axis=0).to(tl.float64))
+    tl.store(pp + P_FBI, tl.min(tl.where(bi, rows, B), axis=0).to(tl.float64))
+    tl.store(pp + P_NBL, tl.sum(bl.to(tl.int32), axis=0).to(tl.float64))
+    tl.store(pp + P_FBL, tl.min(tl.where(bl, rows, B), axis=0).to(tl.float64))
+    tl.debug_barrier()
+    nprog = tl.num_programs(0)
+    ticket = tl.atomic_add(dup_ptr + N + DUP_TICKET, 1, sem="acq_rel")
+    if ticket == nprog - 1:
+        tl.store(dup_ptr + N + DUP_TICKET, 0)
+        _totals(part_ptr, nprog, indices_ptr, labels_ptr, stats_ptr, errors_ptr, out_ptr,
+                scale_ptr, B, update, reduction, safe_mean, PBLOCK)
+
+
+@triton.jit
+def _totals(part_ptr, nprog, indices_ptr, labels_ptr, stats_ptr, errors_ptr, out_ptr, scale_ptr,
+            B, update, reduction, safe_mean, PBLOCK: tl.constexpr):
+    """The last program: the partials summed in program order (deterministic), then the
+    reduction, its scale, the epoch stats and the error counters."""
+    acc_row = tl.zeros([PBLOCK], tl.float64)
+    acc_wy = tl.zeros([PBLOCK], tl.float64)
+    acc_nf = tl.zeros([PBLOCK], tl.float64)
+    acc_cnt = tl.zeros([PBLOCK], tl.float64)
+    acc_tot = tl.zeros([PBLOCK], tl.float64)
+    acc_nbi = tl.zeros([PBLOCK], tl.float64)
+    acc_nbl = tl.zeros([PBLOCK], tl.float64)
+    acc_fbi = tl.zeros([PBLOCK], tl.float64) + B
+    acc_fbl = tl.zeros([PBLOCK], tl.float64) + B
+    for q0 in range(0, nprog, PBLOCK):
+        q = q0 + tl.arange(0, PBLOCK)
+        qm = q < nprog
+        base = part_ptr + q * P_STRIDE
+        acc_row += tl.load(base + P_ROW, mask=qm, other=0.0, volatile=True)
+        acc_wy += tl.load(base + P_WY, mask=qm, other=0.0, volatile=True)
+        acc_nf += tl.load(base + P_NONFINITE, mask=qm, other=0.0, volatile=True)
+        acc_cnt += tl.load(base + P_COUNT, mask=qm, other=0.0, volatile=True)
+        acc_tot += tl.load(base + P_TOTAL, mask=qm, other=0.0, volatile=True)
+        acc_nbi += tl.load(base + P_NBI, mask=qm, other=0.0, volatile=True)
+        acc_nbl += tl.load(base + P_NBL, mask=qm, other=0.0, volatile=True)
+        acc_fbi = tl.minimum(acc_fbi, tl.load(base + P_FBI, mask=qm, other=B, volatile=True))
+        acc_fbl = tl.minimum(acc_fbl, tl.load(base + P_FBL, mask=qm, other=B, volatile=True))
+    tot = tl.sum(acc_row, axis=0).to(tl.float32)
+    den = tl.sum(acc_wy, axis=0).to(tl.float32)
+    is_mean = reduction == REDUCTION_MEAN
+    if safe_mean != 0:
+        scale = tl.where(is_mean, tl.where(den == 0.0, 0.0, 1.0 / den), 1.0)
+        out = tot * scale
     else:
-        nonfinite = tl.zeros([BLOCK_J], tl.int32)
-        count = tl.zeros([BLOCK_J], tl.int32)
-        total = tl.zeros([BLOCK_J], tl.float64)
-        n_bi = tl.zeros([BLOCK_J], tl.int32)
-        n_bl = tl.zeros([BLOCK_J], tl.int32)
-        first_bi = tl.zeros([BLOCK_J], tl.int32) + B
-        first_bl = tl.zeros([BLOCK_J], tl.int32) + B
-        red_row = tl.zeros([BLOCK_J], tl.float32)
-        red_wy = tl.zeros([BLOCK_J], tl.float32)
-        for j0 in range(0, B, BLOCK_J):
-            rj = j0 + tl.arange(0, BLOCK_J)
-            mj = rj < B
-            f = tl.load(flags_ptr + rj, mask=mj, other=0)
-            act = (f & FLAG_ACTIVE) != 0
-            obs = (f & FLAG_OBSERVED) == FLAG_OBSERVED
-            bi = (f & FLAG_BAD_INDEX) != 0
-            bl = (f & FLAG_BAD_LABEL) != 0
-            nonfinite += (act & ~obs).to(tl.int32)
-            count += obs.to(tl.int32)
-            total += tl.where(obs, tl.load(loss_ptr + rj, mask=mj, other=0.0).to(tl.float64), 0.0)
-            n_bi += bi.to(tl.int32)
-            n_bl += bl.to(tl.int32)
-            first_bi = tl.minimum(first_bi, tl.where(bi, rj, B))
-            first_bl = tl.minimum(first_bl, tl.where(bl, rj, B))
-            red_row += tl.load(row_ptr + rj, mask=mj, other=0.0)
-            red_wy += tl.load(wy_ptr + rj, mask=mj, other=0.0)
-        tot = tl.sum(red_row, axis=0)
-        den = tl.sum(red_wy, axis=0)
-        is_mean = reduction == REDUCTION_MEAN
-        if safe_mean != 0:
-            scale = tl.where(is_mean, tl.where(den == 0.0, 0.0, 1.0 / den), 1.0)
-            out = tot * scale
-        else:
-            scale = tl.where(is_mean, 1.0 / den, 1.0)
-            out = tl.where(is_mean, tot / den, tot)
-        tl.store(out_ptr, out)
-        tl.store(scale_ptr, scale)
-        nb_i = tl.sum(n_bi, axis=0)
-        nb_l = tl.sum(n_bl, axis=0)
-        fb_i = tl.min(first_bi, axis=0)
-        fb_l = tl.min(first_bl, axis=0)
-        if update != 0:
-            s0 = tl.load(stats_ptr + STAT_NONFINITE)
-            s1 = tl.load(stats_ptr + STAT_EPOCH_LOSS)
-            s2 = tl.load(stats_ptr + STAT_EPOCH_COUNT)
-            tl.store(stats_ptr + STAT_NONFINITE, s0 + tl.sum(nonfinite, axis=0).to(tl.float64))
-            tl.store(stats_ptr + STAT_EPOCH_LOSS, s1 + tl.sum(total, axis=0))
-            tl.store(stats_ptr + STAT_EPOCH_COUNT, s2 + tl.sum(count, axis=0).to(tl.float64))
-        e0 = tl.load(errors_ptr + ERR_INDEX_COUNT)
-        e1 = tl.load(errors_ptr + ERR_INDEX_VALUE)
-        v_bi = tl.load(indices_ptr + fb_i, mask=nb_i > 0, other=0).to(tl.int64)
-        tl.store(errors_ptr + ERR_INDEX_VALUE, tl.where((e0 == 0) & (nb_i > 0), v_bi, e1))
-        tl.store(errors_ptr + ERR_INDEX_COUNT, e0 + nb_i.to(tl.int64))
-        e2 = tl.load(errors_ptr + ERR_LABEL_COUNT)
-        e3 = tl.load(errors_ptr + ERR_LABEL_VALUE)
-        v_bl = tl.load(labels_ptr + fb_l, mask=nb_l > 0, other=0).to(tl.int64)
-        tl.store(errors_ptr + ERR_LABEL_VALUE, tl.where((e2 == 0) & (nb_l > 0), v_bl, e3))
-        tl.store(errors_ptr + ERR_LABEL_COUNT, e2 + nb_l.to(tl.int64))
+        scale = tl.where(is_mean, 1.0 / den, 1.0)
+        out = tl.where(is_mean, tot / den, tot)
+    tl.store(out_ptr, out)
+    tl.store(scale_ptr, scale)
+    nb_i = tl.sum(acc_nbi, axis=0).to(tl.int64)
+    nb_l = tl.sum(acc_nbl, axis=0).to(tl.int64)
+    fb_i = tl.min(acc_fbi, axis=0).to(tl.int64)
+    fb_l = tl.min(acc_fbl, axis=0).to(tl.int64)
+    if update != 0:
+        s0 = tl.load(stats_ptr + STAT_NONFINITE)
+        s1 = tl.load(stats_ptr + STAT_EPOCH_LOSS)
+        s2 = tl.load(stats_ptr + STAT_EPOCH_COUNT)
+        tl.store(stats_ptr + STAT_NONFINITE, s0 + tl.sum(acc_nf, axis=0))
+        tl.store(stats_ptr + STAT_EPOCH_LOSS, s1 + tl.sum(acc_tot, axis=0))
+        tl.store(stats_ptr + STAT_EPOCH_COUNT, s2 + tl.sum(acc_cnt, axis=0))
+    e0 = tl.load(errors_ptr + ERR_INDEX_COUNT)
+    e1 = tl.load(errors_ptr + ERR_INDEX_VALUE)
+    v_bi = tl.load(indices_ptr + fb_i, mask=nb_i > 0, other=0).to(tl.int64)
+    tl.store(errors_ptr + ERR_INDEX_VALUE, tl.where((e0 == 0) & (nb_i > 0), v_bi, e1))
+    tl.store(errors_ptr + ERR_INDEX_COUNT, e0 + nb_i)
+    e2 = tl.load(errors_ptr + ERR_LABEL_COUNT)
+    e3 = tl.load(errors_ptr + ERR_LABEL_VALUE)
+    v_bl = tl.load(labels_ptr + fb_l, mask=nb_l > 0, other=0).to(tl.int64)
+    tl.store(errors_ptr + ERR_LABEL_VALUE, tl.where((e2 == 0) & (nb_l > 0), v_bl, e3))
+    tl.store(errors_ptr + ERR_LABEL_COUNT, e2 + nb_l)
+
+
+@triton.jit
+def scale_grad_kernel(grad_ptr, gout_ptr, gout_stride, scale_ptr, out_ptr, numel, C,
+                      PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """Backward in ONE launch: ``out = grad * (grad_output * scale)`` over the ``numel`` =
+    B * C gradient entries, with grad_output and the scale read from device memory (a 0-d
+    grad_output, or one per row under reduction "none", any stride). The same float32
+    roundings as ``fastsel.ops``' formula (``s = g_out.float() * scale``;
+    ``(grad.float() * s).to(grad.dtype)``), so bit-identical."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    if PER_ROW:
+        g = tl.load(gout_ptr + (offs // C) * gout_stride, mask=m, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(gout_ptr).to(tl.float32)
+    s = g * tl.load(scale_ptr)
+    y = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32) * s
+    if out_ptr.dtype.element_ty != tl.float32:   # round to nearest even, as torch's .to()
+        y = y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(out_ptr + offs, y, mask=m)

@@ -502,3 +502,85 @@ def test_select_k_is_checked_once_for_every_backend(backend_name):
             b.select(keys, bad)
     assert b.select(keys, 9).tolist() == [1, 3, 0, 4, 2]
     assert b.select(keys, 0).tolist() == []
+
+
+# ---- duplicates at scale, and selection ties at sizes not powers of two -------------------
+
+def test_all_rows_one_index_is_one_observation(backend_name, gen):
+    """A batch whose 64 rows all carry one index is ONE observation of their mean (seen
+    += the occurrences), over several steps (the first observation, then the EMA branch),
+    through the step and through observe; a non-finite row stays out; others untouched."""
+    n, c, b, ema = 11, 7, 64, 0.3
+    state, oracle = SampleState(n), OracleState(n)
+    nonfinite = 0
+    for step in range(3):
+        logits, labels, _ = make_batch(gen, b, c, n, ignore=0.1)
+        logits[3, 1] = float("nan")
+        nonfinite += int(labels[3] != -100)
+        idx = torch.full((b,), 5)
+        run_step(backend_name, logits, labels, idx, state, LossConfig(ema=ema), epoch=step)
+        oracle.step(logits, labels, idx, epoch=step, ema=ema)
+    for step in (3, 4):
+        losses = torch.rand(b, generator=gen) * 3
+        idx = torch.full((b,), 2)
+        run_observe(backend_name, losses, idx, state, LossConfig(ema=ema), epoch=step)
+        oracle.observe(losses, idx, epoch=step, ema=ema)
+    _assert_state(state, oracle)
+    assert int(state.stats[STAT_NONFINITE]) == nonfinite
+    assert state.seen.tolist() == [0, 0, 2 * b] + [0] * 2 + [int(state.seen[5])] + [0] * 5
+    assert int(state.stats[2]) == int(state.seen.sum())  # STAT_EPOCH_COUNT: every occurrence
+
+
+@pytest.mark.parametrize("b", [257, 1000])
+def test_many_duplicates_match_oracle_and_stats(backend_name, gen, b):
+    """Hundreds of rows over six samples (sizes not powers of two), ignored and non-finite
+    rows among them: the state equals the float64 oracle's, and the epoch stats count and
+    sum every observed row."""
+    n, c, ema = 23, 5, 0.25
+    state, oracle = SampleState(n), OracleState(n)
+    total, count = 0.0, 0
+    for step in range(2):
+        logits, labels, _ = make_batch(gen, b, c, n, ignore=0.1)
+        logits[[5, 77], 0] = float("inf")
+        idx = torch.randint(0, 6, (b,), generator=gen)
+        run_step(backend_name, logits, labels, idx, state, LossConfig(ema=ema, reduction="sum"),
+                 epoch=step)
+        oracle.step(logits, labels, idx, epoch=step, ema=ema)
+        per = expected_loss(logits, labels, "none")
+        ok = (labels != -100) & torch.isfinite(per)
+        total += float(per[ok].double().sum())
+        count += int(ok.sum())
+    _assert_state(state, oracle)
+    assert int(state.stats[2]) == count == int(state.seen.sum())
+    assert math.isclose(float(state.stats[1]), total, rel_tol=1e-6)
+
+
+def _edge_keys(gen, n):
+    """Few distinct values (heavy ties) with -0.0/+0.0, +-inf, +-FLT_MAX and NaN."""
+    big = torch.finfo(torch.float32).max
+    pool = torch.tensor([float("nan"), float("inf"), float("-inf"), big, -big, 0.0, -0.0, 1.5,
+                         -2.0, 1e-30])
+    return pool[torch.randint(0, len(pool), (n,), generator=gen)]
+
+
+@pytest.mark.parametrize("n", [77, 9001, 20011])
+def test_select_ties_nan_inf_and_epoch_order_equal_reference(backend_name, gen, n):
+    """The winners (rank order, ties to the lower index, NaN last) and the epoch's order
+    (``shuffle`` of the winners) equal the reference's at k on either side of and inside
+    tie groups (the +-0 group, -inf, NaN), at sizes that are not powers of two."""
+    d = dev(backend_name)
+    b, ref = get_backend(backend_name, d), get_backend("reference", "cpu")
+    keys = _edge_keys(gen, n)
+    full = ref.select(keys, n)
+    ks = {1, n // 3, n - 1, n}
+    clean = torch.nan_to_num(keys, nan=float("-inf"))
+    for v in (0.0, float("-inf")):
+        above, same = int((clean > v).sum()), int((keys == v).sum())
+        ks |= {above, above + 1, above + same // 2, above + same}
+    nan = int(torch.isnan(keys).sum())
+    ks |= {n - nan + nan // 2}
+    kd = keys.to(d)
+    for k in sorted(x for x in ks if 0 < x <= n):
+        got = b.select(kd, k)
+        assert torch.equal(got.cpu(), full[:k]), k
+        assert torch.equal(b.shuffle(got, 4242).cpu(), ref.shuffle(full[:k], 4242)), k

@@ -387,3 +387,29 @@ def test_opcheck_selection_ops(gen):
     _opcheck(_op("select"), (_keys(gen, 9), 4))
     _opcheck(_op("uniform"), (torch.arange(-3, 6, device=DEV), 12, 2))
     _opcheck(_op("shuffle"), (torch.arange(7, device=DEV) * 3, 5))
+
+
+# ---- the one-launch backward scaling (for an autograd hook in fastsel.ops) -----------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_grad_is_bit_identical_to_the_autograd_formula(gen, dtype):
+    """``scale_grad`` (one launch, grad_output and scale read on the device) gives the bits
+    of ``fastsel.ops``' formula: a 0-d grad_output, one per row, and a stride-0 expanded one
+    (``out.sum().backward()`` under reduction "none")."""
+    from fastsel.backends.triton import scale_grad
+    grad = (torch.randn(13, 7, generator=gen) * 3).to(dtype).to(DEV)
+    scale = torch.tensor(1.0 / 3.0, device=DEV)
+    for per_row, g in ((False, torch.tensor(0.7)), (True, torch.rand(13, generator=gen)),
+                       (True, torch.ones(()).expand(13)), (False, torch.tensor(1.0))):
+        g = g.to(DEV)
+        s = g.to(torch.float32) * scale
+        s = s.unsqueeze(1) if per_row else s
+        want = grad * s if dtype == torch.float32 else (grad.to(torch.float32) * s).to(dtype)
+        got = scale_grad(grad, g, scale, per_row)
+        assert got.dtype == dtype
+        if DEV == "cpu" and dtype == torch.bfloat16:  # the interpreter's float32 -> bf16
+            # rounding is approximate (the GPU's cvt.rn is exact): within one bf16 ulp
+            torch.testing.assert_close(got.float(), want.float(), rtol=2.0 ** -7, atol=0)
+        else:
+            assert torch.equal(got, want), (per_row, g.shape)
+    assert scale_grad(grad[:0], torch.tensor(1.0, device=DEV), scale, False).numel() == 0

@@ -6,10 +6,14 @@ In-batch top-k against ``torch.sort``; the radix selection on N not a power of t
 heavy ties; C above one column chunk; the GPU tile configurations (forced under the
 interpreter) for the step and observe; int32 inputs and strided logits; the error vector
 and stats against the reference backend; the noise on extreme indices; the stats/errors
-slots read from ``fastsel.layout``; and the AOT build of every kernel at every launcher
+slots read from ``fastsel.layout``; the launch structure (the step and observe are two
+launches forward, the merge a grid over the rows with no loop, no torch op that launches
+work besides the kernels; the selection four launches with a multi-block look-back); the
+scratch buffers left zero; and the AOT build of every kernel at every launcher
 configuration for sm_80 and sm_90, in a subprocess without TRITON_INTERPRET. Without a GPU
 everything but the AOT build runs under ``TRITON_INTERPRET=1`` (conftest).
 """
+import inspect
 import os
 import re
 import subprocess
@@ -174,7 +178,7 @@ def test_gpu_tile_configurations_under_interpreter(gen, monkeypatch, c):
     tmod = importlib.import_module("fastsel.backends.triton")  # fastsel.backends is also a function
     monkeypatch.setattr(tmod, "interpreting", lambda: False)
     n = 60
-    b = 300 if c <= 100 else 70  # 300 rows: duplicates across the merge's 128-row tiles
+    b = 300 if c <= 100 else 70  # 300 rows: duplicates across the merge's 256-row programs
     logits, labels, indices = _batch(gen, b, c, n)
     logits[3, 0] = float("nan")
     weight = torch.rand(n, generator=gen) * 2
@@ -191,9 +195,9 @@ def test_gpu_tile_configurations_under_interpreter(gen, monkeypatch, c):
 @needs_triton
 @pytest.mark.skipif(DEV != "cpu", reason="forces GPU tile sizes under the interpreter")
 def test_observe_gpu_tiles_under_interpreter(gen, monkeypatch):
-    """observe at the launcher's GPU block sizes (per-row block, merge tiles) equals the
-    reference: duplicates across the merge's 128-row tiles, a NaN loss, a bad index, and an
-    update=False call that writes no state."""
+    """observe at the launcher's GPU block sizes (per-row block, merge programs) equals the
+    reference: duplicates across the merge's 256-row programs, a NaN loss, a bad index, and
+    an update=False call that writes no state."""
     import importlib
     tmod = importlib.import_module("fastsel.backends.triton")
     monkeypatch.setattr(tmod, "interpreting", lambda: False)
@@ -289,6 +293,187 @@ def test_kernels_read_the_state_layout_from_fastsel_layout():
             assert getattr(ks, name).value == getattr(layout, name), name
 
 
+# ---- launch structure and scratch (the two-launch step, the four-launch selection) --------
+
+def _tmod():
+    import importlib
+    return importlib.import_module("fastsel.backends.triton")  # fastsel.backends is also a function
+
+
+class _Launches:
+    """Records every launch of the named kernels of a kernels module (``kernel[grid](...)``)
+    and whether a launch is under way (the interpreter issues torch ops of its own)."""
+
+    def __init__(self, monkeypatch, module, names):
+        self.log, self.inside, self.kernels = [], False, {}
+        mod = _tmod().load_kernels(module)
+        for name in names:
+            self.kernels[name] = getattr(mod, name)
+            monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))
+
+    def _wrap(self, name, kernel):
+        rec = self
+
+        class Wrapped:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    rec.log.append((name, tuple(grid)))
+                    rec.inside = True
+                    try:
+                        return launch(*args, **kwargs)
+                    finally:
+                        rec.inside = False
+                return run
+        return Wrapped()
+
+    def names(self):
+        return [n for n, _ in self.log]
+
+
+STEP_KERNELS = ("ce_step_kernel", "observe_rows_kernel", "merge_update_kernel")
+SELECT_KERNELS = ("radix_first_kernel", "radix_filter_kernel", "radix_cand_kernel",
+                  "select_compact_kernel", "batch_topk_kernel")
+#: Torch ops that launch no device work: allocation without fill, views.
+NO_LAUNCH = {"aten.empty.memory_format", "aten.slice.Tensor", "aten.select.int",
+             "aten.view.dtype", "aten.view.default", "aten.alias.default", "aten.detach.default"}
+
+
+def _torch_ops_outside(rec, fn):
+    """The aten ops ``fn`` issues outside the recorded kernel launches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not rec.inside:
+                self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as mode:
+        out = fn()
+    return mode.ops, out
+
+
+@needs_triton
+@pytest.mark.skipif(DEV != "cpu", reason="forces GPU tile sizes under the interpreter")
+def test_step_is_two_launches_and_the_merge_a_grid_over_rows(gen, monkeypatch):
+    """Forward = the rows kernel + the merge kernel, whatever the reduction or update; the
+    merge's grid is cdiv(B, MERGE_BLOCK) programs with no loop over the batch (O(B) work,
+    no pairwise pass); no torch op besides allocations and views (no fill, no copy, no
+    sync) once the state's merge scratch exists; observe is two launches too."""
+    from fastsel.backends.base import state_args
+    tmod = _tmod()
+    cf = tmod.load_kernels("configs")
+    monkeypatch.setattr(tmod, "interpreting", lambda: False)
+    rec = _Launches(monkeypatch, "step", STEP_KERNELS)
+    n, c = 700, 10
+    st = SampleState(n, DEV)
+    tmod.merge_scratch(st._seen, n)   # made (zeroed) once per state, on its first step
+    for b in (1, 300, 1100):
+        logits, labels, indices = _batch(gen, b, c, n)
+        br = cf.step_blocks(c)[0]
+        for red, update in ((0, True), (2, False), (1, True)):
+            rec.log.clear()
+            ops, _ = _torch_ops_outside(rec, lambda: tmod.ce_step(
+                logits, labels, indices, *state_args(st), None, -100, 0.0, 0.3, red, False, 1,
+                update, True))
+            assert rec.log == [("ce_step_kernel", (-(-b // br),)),
+                               ("merge_update_kernel", (-(-b // cf.MERGE_BLOCK),))], rec.log
+            assert ops <= NO_LAUNCH, ops - NO_LAUNCH
+        rec.log.clear()
+        losses = logits[:, 0].contiguous()
+        ops, _ = _torch_ops_outside(rec, lambda: tmod.observe(
+            losses, None, indices, *state_args(st), 0.3, 1, False, 2, True))
+        assert rec.names() == ["observe_rows_kernel", "merge_update_kernel"]
+        assert ops <= NO_LAUNCH, ops - NO_LAUNCH
+    src = inspect.getsource(rec.kernels["merge_update_kernel"].fn)
+    assert not re.search(r"^\s*(for|while)\b", src, re.M)   # one lane per row, no sweep
+
+
+def _scratch_is_zero(st, n):
+    return int(_tmod().merge_scratch(st._seen, n).abs().sum()) == 0
+
+
+@needs_triton
+@pytest.mark.skipif(DEV != "cpu", reason="forces GPU tile sizes under the interpreter")
+def test_all_one_index_batch_of_4096_rows_and_scratch_left_zero(gen, monkeypatch):
+    """4096 rows of one index across 16 merge programs: one observation of their mean,
+    seen += 4096, as the reference; the merge scratch (counts and the totals' ticket) is
+    zero after every call: update, update=False, observe, and a strict error."""
+    monkeypatch.setattr(_tmod(), "interpreting", lambda: False)
+    n, c, b = 9, 10, 4096
+    logits, labels, _ = _batch(gen, b, c, n)
+    logits[7, 2] = float("nan")
+    idx = torch.full((b,), 4, device=DEV)
+    cfg = LossConfig(ema=0.3)
+    (o1, g1, s1), (o2, g2, s2) = _both(logits, labels, idx, n, cfg, steps=2)
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    _assert_states_close(s1, s2)
+    assert int(s1.seen[4]) == int(s2.seen[4]) > 2 * 3000
+    assert _scratch_is_zero(s1, n)
+    st = SampleState(n, DEV)
+    _tb().step(logits, labels, idx, st, LossConfig(), 0, update=False)
+    assert _scratch_is_zero(st, n) and int(st.seen.sum()) == 0
+    _tb().observe(torch.rand(b, generator=gen).to(DEV), idx, st, LossConfig(), 0)
+    assert _scratch_is_zero(st, n) and int(st.seen[4]) == b
+    bad = labels.clone()
+    bad[100] = c + 1
+    with pytest.raises(IndexError):
+        _tb().step(logits, bad, idx, st, LossConfig(strict=True), 1)
+    assert _scratch_is_zero(st, n) and int(st.seen[4]) == b
+
+
+@needs_triton
+@pytest.mark.skipif(DEV != "cpu", reason="forces GPU tile sizes under the interpreter")
+def test_radix_select_four_launches_multi_block_lookback(gen, monkeypatch):
+    """At the GPU block size (4096 keys), N = 20011 spans five compaction blocks: the
+    look-back carries the counts above and at the threshold across blocks, so ties that
+    straddle blocks go to the lower index. Four launches; the scratch is left zero; denormals
+    and heavy ties (every key a candidate) equal the reference."""
+    tmod = _tmod()
+    cf = tmod.load_kernels("configs")
+    monkeypatch.setattr(tmod, "interpreting", lambda: False)
+    rec = _Launches(monkeypatch, "select", SELECT_KERNELS)
+    n = 20011
+    tiny = torch.finfo(torch.float32).tiny
+    cases = [_tie_keys(gen, n, values=3),
+             torch.full((n,), 0.5, device=DEV),                               # one value
+             torch.tensor([tiny / 4, -tiny / 8, 0.0, -0.0, tiny], device=DEV)[  # denormals
+                 torch.randint(0, 5, (n,), generator=gen).to(DEV)],
+             torch.randn(n, generator=gen).to(DEV)]
+    tmod.select_scratch(torch.device(DEV), -(-n // cf.SELECT_BLOCK))  # zeroed once, reused
+    for keys in cases:
+        ref = _ref().select(keys, n)
+        for k in (1, 4096, 4097, 9000, n - 1, n):
+            rec.log.clear()
+            ops, got = _torch_ops_outside(rec, lambda: _tb().select_radix(keys, k))
+            assert torch.equal(got, ref[:k]), k
+            grid = -(-n // cf.SELECT_BLOCK)
+            assert rec.log == [("radix_first_kernel", (grid,)), ("radix_filter_kernel", (grid,)),
+                               ("radix_cand_kernel", (min(grid, cf.SELECT_CAND_PROGRAMS),)),
+                               ("select_compact_kernel", (grid,))], rec.log
+            assert ops - NO_LAUNCH <= {"aten.sort.stable", "aten.index.Tensor"}, ops
+    ctrl, hist, status = tmod.select_scratch(torch.device(DEV), 1)
+    assert int(ctrl.abs().sum()) == 0 and int(hist.abs().sum()) == 0
+    assert int(status.abs().sum()) == 0
+
+
+@needs_triton
+def test_radix_select_beyond_packed_counts_falls_back(gen, monkeypatch):
+    """Above SELECT_MAX_N keys (the compaction packs 30-bit counts) the reference select
+    runs; below it the kernels do."""
+    cf = _tmod().load_kernels("configs")
+    keys = _tie_keys(gen, 300)
+    monkeypatch.setattr(cf, "SELECT_MAX_N", 100)
+    assert torch.equal(_tb().select_radix(keys, 50), _ref().select(keys, 50))
+
+
 # ---- import hygiene and the AOT build ---------------------------------------------------
 
 def test_import_fastsel_does_not_import_triton_and_auto_skips_interpreter():
@@ -327,3 +512,27 @@ def test_aot_compiles_every_kernel_at_every_launcher_config_sm80_sm90():
     assert all(r["cubin_bytes"] > 0 for r in report["kernels"])
     kernels = {r["kernel"] for r in report["kernels"]}
     assert kernels == set(aot.SIGNATURES)
+
+
+def test_the_ce_step_backward_is_the_one_launch_scale_grad_kernel(monkeypatch):
+    """Through the sampler, backward runs ``scale_grad`` (one launch) and gives the
+    reference's gradient, for a device grad_output (per-row and reduced)."""
+    import fastsel
+    from fastsel import ops
+    from fastsel.backends import triton as tb
+    calls = []
+    fn, devices = ops._SCALE_GRAD["triton"]
+    monkeypatch.setitem(ops._SCALE_GRAD, "triton", (lambda *a: calls.append(1) or fn(*a), devices))
+    g = torch.Generator().manual_seed(0)
+    for reduction in ("none", "mean"):
+        grads = []
+        for backend in ("triton", "reference"):
+            s = fastsel.Sampler(40, budget=1.0, epochs=1, backend=backend, reduction=reduction)
+            iter(s)
+            x = torch.randn(6, 7, generator=g).requires_grad_(True) if backend == "triton" else x.detach().clone().requires_grad_(True)
+            idx = torch.tensor(s.epoch_indices()[:6])
+            out = s.loss(x, idx % 7, idx)
+            out.backward(torch.full_like(out, 0.5) * (torch.arange(out.numel()).reshape(out.shape) + 1))
+            grads.append(x.grad)
+        torch.testing.assert_close(grads[0], grads[1])
+    assert len(calls) == 2

@@ -1,10 +1,14 @@
 """The CUDA backend: the op family's ``csrc`` implementation on CUDA (``fastsel._C`` built
 with CUDA, ``csrc/*.cu``).
 
-Its kernels compute the fused step for class-index targets of 2-D logits and the selection
-pass; soft and K-dim targets and ``observe`` run on the ``reference`` ops on the same
-device until the GPU fast path covers them. No step needs a host synchronisation except
-strict mode's range check. ``unavailable()`` says in one line why the backend cannot run.
+Its kernels compute the fused step for class-index targets of 2-D logits (two launches: the
+rows, then the duplicate merge and state update; csrc/README.md) and the selection pass
+(radix threshold, order-preserving compaction, a stable sort of the winners); soft and
+K-dim targets and ``observe`` run on the ``reference`` ops on the same device until the GPU
+fast path covers them. Everything runs in the registered C++ op (no Python per call inside
+the op); no step needs a host synchronisation except strict mode's range check, so a step
+with ``strict=False`` can be captured in a CUDA graph after one eager warm-up call.
+``unavailable()`` says in one line why the backend cannot run.
 """
 from __future__ import annotations
 

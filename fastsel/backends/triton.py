@@ -3,12 +3,17 @@
 Runs on CUDA; on the CPU only under ``TRITON_INTERPRET=1`` (tests), which ``"auto"`` never
 picks. Triton is imported when a kernel is first needed, so ``import fastsel`` never needs it.
 
-``ce_step_triton`` computes class-index targets of 2-D logits in two launches (see
-``fastsel.kernels.step`` for why the duplicate merge is a second one; it also reduces the
-loss); other target forms run on the ``reference`` op. ``observe_triton`` builds the same
-per-row arrays with one small kernel and reuses the step's state update. No host sync
-unless ``strict``. The gradient is returned unscaled by the reduction, with its scale (a
-0-d device tensor) beside it; the autograd formula is ``fastsel.ops``'s.
+``ce_step_triton`` computes class-index targets of 2-D logits in two launches: the rows
+kernel, then the duplicate merge, state fold and reduction (``fastsel.kernels.step`` has
+the design: a per-state int32 count scratch left at zero, owner election by compare-and-
+swap, float64 group sums by atomics, the last program finishing the totals); other target
+forms run on the ``reference`` op. ``observe_triton`` builds the same per-row arrays with
+one small kernel and reuses the merge. No host sync unless ``strict`` (which checks the
+indices and labels first, before any launch). The gradient is returned unscaled by the
+reduction, with its scale (a 0-d device tensor) beside it; the autograd formula is
+``fastsel.ops``'s. ``select_triton`` is a four-launch radix threshold select
+(``fastsel.kernels.select``) and a stable sort of the winners' 32-bit keys for the rank
+order, or the in-batch top-k up to ``BATCH_TOPK_MAX`` keys.
 """
 from __future__ import annotations
 
@@ -17,14 +22,14 @@ import importlib
 import importlib.util
 import os
 import sys
+import weakref
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from .. import layout, ops, rng
-from ..checks import raise_for_errors
 from .base import HARD_2D, Backend, check_k
 
 
@@ -120,51 +125,88 @@ def _check_reduction(reduction: int) -> None:
 
 # ---- the ops ---------------------------------------------------------------------------------
 
-def _state_update(ks: ModuleType, flags, indices, labels, loss, p_true, per_row, wy, state,
-                  out, scale, b: int, n: int, c: Optional[int], ema: float, reduction: int,
-                  safe_mean: bool, strict: bool, epoch: int, update: bool) -> None:
-    """The duplicate merge and state update of every observed row, the batch totals and the
-    reduction into ``out`` and ``scale`` (``state_update_kernel``). Strict: the totals
-    program alone first, errors into scratch, and raise on a bad row before any write."""
-    cf = _configs()
+#: Per-state merge scratch (``kernels/step.py``): int32, N + 2 entries, all zero between
+#: steps. Keyed by the state's ``seen`` buffer (device, address, N); entries whose buffer
+#: was freed are dropped when a new one is made (a buffer reallocated at the same address
+#: reuses the zeroed scratch, which is correct for any state of that N).
+_MERGE_SCRATCH: Dict[Tuple[str, int, int], Tuple[Any, torch.Tensor]] = {}
+
+
+def merge_scratch(s_seen: torch.Tensor, n: int) -> torch.Tensor:
+    """The zeroed duplicate-count scratch of the state whose ``seen`` buffer is ``s_seen``
+    (made once per state: the only fill launch, on its first step)."""
+    key = (str(s_seen.device), s_seen.data_ptr(), n)
+    hit = _MERGE_SCRATCH.get(key)
+    if hit is not None:
+        if hit[0]() is not s_seen:
+            _MERGE_SCRATCH[key] = (weakref.ref(s_seen), hit[1])
+        return hit[1]
+    for k in [k for k, (ref, _) in _MERGE_SCRATCH.items() if ref() is None]:
+        del _MERGE_SCRATCH[k]
+    t = torch.zeros(n + 2, dtype=torch.int32, device=s_seen.device)
+    _MERGE_SCRATCH[key] = (weakref.ref(s_seen), t)
+    return t
+
+
+class _Workspace:
+    """Every per-call buffer of a step or observe in ONE allocation (launch-bound steps):
+    float64 group sums (2B) and per-program partials; float32 per-row loss, p_true, output,
+    class weight (4B), the sum and ``spare`` scalars; int32 flags (B) and group arrivals and
+    counts (2B). ``out`` is a tensor of its own (a custom op's outputs may not share
+    storage); under reduction "none" it is ``per_row`` and ``total`` (the sum) is scratch."""
+
+    def __init__(self, b: int, dev: torch.device, per_elem: bool, spare: int, nprog: int,
+                 p_stride: int) -> None:
+        nb = max(1, b)
+        n64 = 2 * nb + nprog * p_stride
+        n32 = 4 * nb + 1 + spare          # float32 entries
+        ni = 3 * nb                       # int32 entries
+        ws = torch.empty(n64 + (n32 + ni + 1) // 2, dtype=torch.float64, device=dev)
+        self.acc = ws[:2 * nb]
+        self.part = ws[2 * nb:n64]
+        w32 = ws[n64:].view(torch.float32)
+        self.loss, self.p_true, self.per_row, self.wy = (w32[i * nb:(i + 1) * nb] for i in range(4))
+        self.total = w32[4 * nb]
+        self.spare = w32[4 * nb + 1:n32]
+        i32 = w32[n32:n32 + ni].view(torch.int32)
+        self.flags = i32[:nb]
+        self.grp = i32[nb:3 * nb]
+        if per_elem:
+            self.per_row = self.out = torch.empty(b, dtype=torch.float32, device=dev)
+        else:
+            self.out = self.total = torch.empty((), dtype=torch.float32, device=dev)
+
+
+def _merge_grid(b: int) -> Tuple[int, int, int, int]:
+    """(programs, BLOCK, PBLOCK, num_warps) of ``merge_update_kernel``: a grid over the rows."""
+    blk, pblk, warps = _configs().merge_blocks(b, interpreting())
+    return _cdiv(max(1, b), blk), blk, pblk, warps
+
+
+def _merge_update(ks: ModuleType, w: _Workspace, indices, labels, state, dup, scale,
+                  b: int, n: int, nprog: int, blk: int, pblk: int, warps: int, ema: float,
+                  reduction: int, safe_mean: bool, epoch: int, update: bool) -> None:
+    """The second launch: the duplicate merge and state fold of every observed row, the
+    batch totals and the reduction into ``w.total`` and ``scale``."""
     s_loss, s_var, s_p, s_seen, s_last, _, stats, errors = state
-    dev = loss.device
-    bi, bj, swarps = cf.state_blocks(b, interpreting())
-    common = (b, int(epoch), ema, 1.0 - ema)
-    if strict:
-        errs = torch.zeros(layout.ERR_SIZE, dtype=torch.int64, device=dev)
-        scratch = torch.zeros(layout.STAT_SIZE, dtype=torch.float64, device=dev)
-        ks.state_update_kernel[(1,)](
-            flags, indices, labels, loss, p_true, per_row, wy, s_loss, s_var, s_p, s_seen,
-            s_last, scratch, errs, out, scale, *common, 0, 0, reduction, int(safe_mean),
-            BLOCK_I=bi, BLOCK_J=bj, num_warps=swarps, enable_fp_fusion=False)
-        host = errs.cpu()
-        if int(host[layout.ERR_INDEX_COUNT]) + int(host[layout.ERR_LABEL_COUNT]) > 0:
-            raise_for_errors(host, n, c)
-        if not update:
-            return
-    nu = _cdiv(b, bi) if update else 0
-    ks.state_update_kernel[(nu + 1,)](
-        flags, indices, labels, loss, p_true, per_row, wy, s_loss, s_var, s_p, s_seen, s_last,
-        stats, errors, out, scale, *common, nu, int(bool(update)), reduction, int(safe_mean),
-        BLOCK_I=bi, BLOCK_J=bj, num_warps=swarps, enable_fp_fusion=False)
+    ks.merge_update_kernel[(nprog,)](
+        w.flags, indices, labels, w.loss, w.p_true, w.per_row, w.wy, s_loss, s_var, s_p, s_seen,
+        s_last, stats, errors, w.total, scale, dup, w.acc, w.grp, w.part,
+        b, n, int(epoch), ema, 1.0 - ema, int(bool(update)), reduction, int(safe_mean),
+        BLOCK=blk, PBLOCK=pblk, num_warps=warps, enable_fp_fusion=False)
 
 
-def _row_buffers(b: int, dev: torch.device, per_elem: bool, spare: int) -> Tuple[torch.Tensor, ...]:
-    """The per-row arrays of a step or observe in one allocation (launch-bound steps):
-    (loss, p_true, per_row, wy, flags, out, total, ``spare`` extra scalars). ``out`` is a
-    tensor of its own (a custom op's outputs may not share storage); under reduction
-    "none" it is ``per_row`` and ``total`` (the sum) is scratch."""
-    nb = max(1, b)
-    ws = torch.empty(5 * nb + 1 + spare, dtype=torch.float32, device=dev)
-    loss, p_true, per_row, wy = (ws[i * nb:(i + 1) * nb] for i in range(4))
-    flags = ws[4 * nb:5 * nb].view(torch.int32)
-    if per_elem:
-        per_row = out = torch.empty(b, dtype=torch.float32, device=dev)
-        total = ws[5 * nb]
-    else:
-        out = total = torch.empty((), dtype=torch.float32, device=dev)
-    return loss, p_true, per_row, wy, flags, out, total, ws[5 * nb + 1:]
+def _strict_check(indices: torch.Tensor, labels: Optional[torch.Tensor], n: int,
+                  c: Optional[int], ignore_index: int) -> None:
+    """Strict mode: raise the reference's IndexError for a bad index or label before any
+    launch (so nothing is written and the merge scratch stays zero). One host sync."""
+    from .reference import check_or_record
+    bad_index = (indices < 0) | (indices >= n)
+    bad_label = None
+    if labels is not None:
+        bad_label = (labels != ignore_index) & ((labels < 0) | (labels >= c))
+    check_or_record(indices.new_zeros(layout.ERR_SIZE, dtype=torch.int64), n, c, indices,
+                    bad_index, labels, bad_label, True)
 
 
 def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
@@ -208,20 +250,23 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
     per_elem = reduction == layout.REDUCTION_NONE
     nb = max(1, b)
     with _device_guard(dev):
-        loss, p_true, per_row, wy, flags, out, total, _ = _row_buffers(b, dev, per_elem, 0)
+        if strict:
+            _strict_check(indices, target, n, c, int(ignore_index))
+        nprog, blk, pblk, mwarps = _merge_grid(b)
+        w = _Workspace(b, dev, per_elem, 0, nprog, cf.MERGE_PARTIALS)
+        dup = merge_scratch(s_seen, n)
         scale = torch.empty((), dtype=torch.float32, device=dev)
         grad = torch.empty((b, c), dtype=x.dtype, device=dev) if need_grad else x.new_empty((0,))
         br, bc, single, warps = cf.step_blocks(c, b, interpreting())
         ks.ce_step_kernel[(_cdiv(nb, br),)](
-            x, x.stride(0), target, indices, s_weight, cw if cw is not None else loss,
-            loss, p_true, per_row, wy, flags, grad if need_grad else loss,
-            b, c, n, int(ignore_index), eps, 1.0 - eps,
+            x, x.stride(0), target, indices, s_weight, cw if cw is not None else w.loss,
+            w.loss, w.p_true, w.per_row, w.wy, w.flags, grad if need_grad else w.loss,
+            dup, w.acc, w.grp, b, c, n, int(ignore_index), eps, 1.0 - eps, int(bool(update)),
             HAS_CW=cw is not None, SMOOTH=eps != 0.0, WRITE_GRAD=bool(need_grad),
             BLOCK_R=br, BLOCK_C=bc, SINGLE=single, num_warps=warps)
-        _state_update(ks, flags, indices, target, loss, p_true, per_row, wy, state, total, scale,
-                      b, n, c, float(ema), int(reduction), False, bool(strict), epoch,
-                      bool(update))
-    return out, grad, scale
+        _merge_update(ks, w, indices, target, state, dup, scale, b, n, nprog, blk, pblk, mwarps,
+                      float(ema), int(reduction), False, epoch, bool(update))
+    return w.out, grad, scale
 
 
 def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.Tensor,
@@ -230,7 +275,7 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
             errors: torch.Tensor, ema: float, reduction: int, strict: bool, epoch: int,
             update: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """``fastsel::observe_triton``: per-row arrays by ``observe_rows_kernel``, then the step's
-    ``state_update_kernel``. Returns (out, d(out)/d(losses) per row)."""
+    ``merge_update_kernel``. Returns (out, d(out)/d(losses) per row)."""
     state = (s_loss, s_var, s_p, s_seen, s_last, s_weight, stats, errors)
     dev = losses.device
     if losses.dim() != 1 or not losses.is_floating_point():
@@ -253,20 +298,23 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
     per_elem = reduction == layout.REDUCTION_NONE
     nb = max(1, b)
     with _device_guard(dev):
-        loss, p_true, per_row, wy, flags, out, total, spare = _row_buffers(b, dev, per_elem, 1)
-        inv = spare[0]                      # 1/(active rows) under "mean", else 1
+        if strict:
+            _strict_check(indices, None, n, None, 0)
+        nprog, blk, pblk, mwarps = _merge_grid(b)
+        w = _Workspace(b, dev, per_elem, 1, nprog, cf.MERGE_PARTIALS)
+        dup = merge_scratch(s_seen, n)
+        inv = w.spare[0]                      # 1/(active rows) under "mean", else 1
         row_scale = torch.empty(b, dtype=torch.float32, device=dev)
-        blk, warps = cf.observe_blocks(b, interpreting())
-        ks.observe_rows_kernel[(_cdiv(nb, blk),)](
+        oblk, warps = cf.observe_blocks(b, interpreting())
+        ks.observe_rows_kernel[(_cdiv(nb, oblk),)](
             losses, probs if probs is not None else losses, indices, s_weight,
-            loss, p_true, per_row, wy, flags, row_scale, b, n,
-            HAS_PROBS=probs is not None, BLOCK=blk, num_warps=warps)
-        _state_update(ks, flags, indices, indices, loss, p_true, per_row, wy, state, total, inv,
-                      b, n, None, float(ema), int(reduction), True, bool(strict), epoch,
-                      bool(update))
+            w.loss, w.p_true, w.per_row, w.wy, w.flags, row_scale, dup, w.acc, w.grp, b, n,
+            int(bool(update)), HAS_PROBS=probs is not None, BLOCK=oblk, num_warps=warps)
+        _merge_update(ks, w, indices, indices, state, dup, inv, b, n, nprog, blk, pblk, mwarps,
+                      float(ema), int(reduction), True, epoch, bool(update))
         if reduction == layout.REDUCTION_MEAN:
             row_scale.mul_(inv)
-    return out, row_scale
+    return w.out, row_scale
 
 
 def topk_batch(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -287,31 +335,72 @@ def topk_batch(keys: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def scale_grad(grad: torch.Tensor, g_out: torch.Tensor, scale: torch.Tensor,
+               per_row: bool) -> torch.Tensor:
+    """The ce_step backward ``grad * (g_out * scale)`` in one launch (``scale_grad_kernel``),
+    bit-identical to ``fastsel.ops``' formula, which takes two (``g_out * scale``, then the
+    product) because grad_output is a device tensor. For an autograd hook in ``fastsel.ops``."""
+    ks = load_kernels("step")
+    cf = _configs()
+    out = torch.empty_like(grad)
+    c = grad.shape[1]
+    if out.numel() == 0:
+        return out
+    g = g_out.reshape(-1) if per_row else g_out.reshape(())
+    if g.dtype != torch.float32:   # the formula's g_out.to(float32)
+        g = g.to(torch.float32)
+    blk, warps = cf.scale_blocks(interpreting())
+    with _device_guard(grad.device):
+        ks.scale_grad_kernel[(_cdiv(out.numel(), blk),)](
+            grad.contiguous(), g, g.stride(0) if per_row else 0, scale, out, out.numel(), c,
+            PER_ROW=bool(per_row), BLOCK=blk, num_warps=warps)
+    return out
+
+
+#: Selection scratch per (device, stream): int64 ``ctrl`` (8), int32 histogram (2048 bins),
+#: int64 look-back statuses (one per compaction block). The kernels leave all of it zero.
+_SELECT_SCRATCH: Dict[Tuple[str, int], torch.Tensor] = {}
+
+
+def select_scratch(dev: torch.device, blocks: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ctrl, hist, status) for a select of ``blocks`` compaction blocks on the current
+    stream of ``dev``: zeroed once (grown when more blocks are needed), no fill per call."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (str(dev), stream)
+    bins = _configs().RADIX_BINS
+    size = 8 + bins // 2 + blocks
+    t = _SELECT_SCRATCH.get(key)
+    if t is None or t.numel() < size:
+        t = _SELECT_SCRATCH[key] = torch.zeros(max(size, 8 + bins // 2 + 64), dtype=torch.int64,
+                                               device=dev)
+    return t[:8], t[8:8 + bins // 2].view(torch.int32), t[8 + bins // 2:]
+
+
 def select_radix(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """The radix threshold select of float32 ``keys`` (any N), k in [0, len(keys)]."""
+    """The radix threshold select of float32 ``keys`` (any N), k in [0, len(keys)]: four
+    launches give the winners in index order with their keys; a stable sort of their 32-bit
+    keys gives the rank order."""
     ks = load_kernels("select")
     cf = _configs()
     n, dev = keys.numel(), keys.device
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=dev)
-    blk, warps = cf.SELECT_BLOCK, cf.SELECT_WARPS
+    if n > cf.SELECT_MAX_N:  # the compaction's status words hold 30-bit counts
+        from . import reference
+        return reference.select(keys, k)
+    blk, warps, cand_progs = cf.select_blocks(interpreting())
     grid = _cdiv(n, blk)
     with _device_guard(dev):
-        ctrl = torch.zeros(3, dtype=torch.int64, device=dev)  # prefix, mask, count left
-        ctrl[2] = k
-        hist = torch.zeros(256, dtype=torch.int32, device=dev)
-        for shift in cf.RADIX_SHIFTS:
-            ks.radix_hist_kernel[(grid,)](keys, n, ctrl, hist, SHIFT=shift, BLOCK=blk,
-                                          num_warps=warps)
-            ks.radix_pick_kernel[(1,)](ctrl, hist, SHIFT=shift, num_warps=4)
-        gt = torch.empty(grid, dtype=torch.int64, device=dev)
-        eq = torch.empty(grid, dtype=torch.int64, device=dev)
-        ks.select_count_kernel[(grid,)](keys, n, ctrl, gt, eq, BLOCK=blk, num_warps=warps)
-        ks.select_scan_kernel[(1,)](ctrl, gt, eq, grid, BLOCK=cf.SCAN_BLOCK, num_warps=4)
+        ctrl, hist, status = select_scratch(dev, grid)
+        cand = torch.empty(n, dtype=torch.int32, device=dev)
         out_idx = torch.empty(k, dtype=torch.int64, device=dev)
-        out_key = torch.empty(k, dtype=torch.int64, device=dev)
-        ks.select_write_kernel[(grid,)](keys, n, ctrl, eq, gt, out_idx, out_key, BLOCK=blk,
-                                        num_warps=warps)
+        out_key = torch.empty(k, dtype=torch.int32, device=dev)
+        ks.radix_first_kernel[(grid,)](keys, n, k, ctrl, hist, BLOCK=blk, num_warps=warps)
+        ks.radix_filter_kernel[(grid,)](keys, n, ctrl, hist, cand, BLOCK=blk, num_warps=warps)
+        ks.radix_cand_kernel[(min(grid, cand_progs),)](keys, ctrl, hist, cand, BLOCK=blk,
+                                                        num_warps=warps)
+        ks.select_compact_kernel[(grid,)](keys, n, ctrl, status, out_idx, out_key, BLOCK=blk,
+                                          num_warps=warps)
     # The k winners are in index order: a stable sort by key gives the rank order.
     order = torch.sort(out_key, descending=True, stable=True).indices
     return out_idx[order]
@@ -361,6 +450,7 @@ _DEVICES: Tuple[str, ...] = ("cuda", "cpu") if interpreting() else ("cuda",)
 
 ops.register_python("triton", {"ce_step": ce_step, "observe": observe, "select": select,
                                "uniform": uniform, "shuffle": shuffle}, _DEVICES)
+ops.register_scale_grad("triton", scale_grad, _DEVICES)   # the backward in one launch
 
 
 class TritonBackend(Backend):

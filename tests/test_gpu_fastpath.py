@@ -1,0 +1,588 @@
+"""The GPU fast path (csrc/step_kernels.cu, csrc/select_kernels.cu, csrc/cuda_glue.cpp).
+
+* Everywhere g++ is: the CUDA kernels themselves, compiled for the CPU against
+  csrc/cuda_emulate.cuh (each thread a fiber, blocks in a random order, a missed barrier
+  reported as a deadlock) and checked against the reference ops: the two-launch step (every
+  class-count path, float16/bfloat16, weights, smoothing, reductions, bad rows, strict mode,
+  duplicates in and across warps and blocks, a batch of one index, update=False, B = 0) with
+  its scratch left zero after every step; the selection (three radix passes, the candidate
+  buffer, the order-preserving compaction, ties, NaN, +-inf, -0) and the shuffle (equal
+  uniforms keep their order), bit for bit.
+* On a GPU (skipped without one): the ``cuda`` backend's ops against the reference at the
+  sizes bench/gpu_fastpath.py measures, a step captured in a CUDA graph and replayed against
+  the same steps run eagerly, and a capture without an eager warm-up refused clearly.
+* Everywhere: ``bench/gpu_fastpath.py --dry-run`` writes the results file's shape.
+"""
+import ctypes
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastsel import layout, rng
+from fastsel.backends import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+RED = {name: code for code, name in enumerate(layout.REDUCTIONS)}
+LOGITS_TYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: ``kernel<<<grid, block, smem, stream>>>(`` -> ``emu::launch(emu::Cfg{grid, block, smem, stream}, kernel, ``
+LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(")
+#: Bytes of the step's counters at the start of its control block (zero between steps).
+CTL_COUNTERS = 6 * 4 + 3 * 8
+
+API = r'''
+#include <cstdint>
+#include <vector>
+#include "cuda_emulate.cuh"
+#include "cuda_launch.h"
+using namespace fastsel::cuda;
+
+extern "C" {
+const char* emu_error() { return emu::g_error.c_str(); }
+void emu_reset(unsigned seed, int sms) { emu::g_error.clear(); emu::g_rng.seed(seed); emu::g_sms = sms; }
+long long emu_step_ctl_bytes() { return step_ctl_bytes(); }
+long long emu_step_group_bytes(long long b) { return step_group_bytes(b); }
+long long emu_step_rows_bytes(long long b) { return step_rows_bytes(b); }
+
+// p: logits labels indices class_weight | loss loss_var p_true seen last_epoch weight stats errors |
+//    grad per_row out grad_scale strict_errors | ctl slot group rows
+// iv: logits_type labels64 indices64 b c n ignore_index reduction strict update epoch
+int emu_step(void** p, const long long* iv, double label_smoothing, double ema) {
+  StepArgs a{};
+  a.logits = p[0];
+  a.logits_type = static_cast<int>(iv[0]);
+  a.labels = p[1];
+  a.labels64 = iv[1] != 0;
+  a.indices = p[2];
+  a.indices64 = iv[2] != 0;
+  a.class_weight = static_cast<const float*>(p[3]);
+  a.b = iv[3], a.c = iv[4], a.n = iv[5], a.ignore_index = iv[6];
+  a.eps = static_cast<float>(label_smoothing);        // as cuda_glue.cpp
+  a.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
+  a.ema = static_cast<float>(ema);
+  a.one_minus_ema = static_cast<float>(1.0 - ema);
+  a.reduction = static_cast<int>(iv[7]);
+  a.strict = iv[8] != 0;
+  a.update = iv[9] != 0;
+  a.epoch = static_cast<int32_t>(iv[10]);
+  a.loss = static_cast<float*>(p[4]);
+  a.loss_var = static_cast<float*>(p[5]);
+  a.p_true = static_cast<float*>(p[6]);
+  a.seen = static_cast<int32_t*>(p[7]);
+  a.last_epoch = static_cast<int32_t*>(p[8]);
+  a.weight = static_cast<const float*>(p[9]);
+  a.stats = static_cast<double*>(p[10]);
+  a.errors = static_cast<int64_t*>(p[11]);
+  a.grad = p[12];
+  a.per_row = static_cast<float*>(p[13]);
+  a.out = static_cast<float*>(p[14]);
+  a.grad_scale = static_cast<float*>(p[15]);
+  a.strict_errors = static_cast<int64_t*>(p[16]);
+  StepWork w{p[17], static_cast<uint32_t*>(p[18]), p[19], p[20]};
+  const char* err = launch_step(a, w, nullptr);
+  if (!emu::g_error.empty()) return 2;
+  return err ? 1 : 0;
+}
+
+// The workspace starts as garbage: the launchers must not rely on its content.
+int emu_select(const float* keys, long long n, long long k, long long* out) {
+  std::vector<char> work(static_cast<size_t>(select_work_bytes(n, k)) + 256, static_cast<char>(0xA5));
+  const char* err = launch_select(keys, n, k, reinterpret_cast<int64_t*>(out), work.data(), nullptr);
+  if (!emu::g_error.empty()) return 2;
+  return err ? 1 : 0;
+}
+
+int emu_shuffle(const void* chosen, int chosen64, long long m, long long key, void* out) {
+  std::vector<char> work(static_cast<size_t>(shuffle_work_bytes(m, chosen64 != 0)) + 256, static_cast<char>(0xA5));
+  const char* err = launch_shuffle(chosen, chosen64 != 0, m, key, out, work.data(), nullptr);
+  if (!emu::g_error.empty()) return 2;
+  return err ? 1 : 0;
+}
+
+int emu_uniform(const void* idx, int idx64, long long n, long long key, long long stream, float* out) {
+  const char* err = launch_uniform(idx, idx64 != 0, n, key, stream, out, nullptr);
+  if (!emu::g_error.empty()) return 2;
+  return err ? 1 : 0;
+}
+}
+'''
+
+
+def _cxx():
+    return shutil.which("g++") or shutil.which("c++")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The CUDA kernels built for the CPU against csrc/cuda_emulate.cuh (ctypes library)."""
+    cxx = _cxx()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    d = tmp_path_factory.mktemp("cuda_emu")
+    fake = d / "fake"
+    (fake / "cub" / "device").mkdir(parents=True)
+    for name in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "cub/device/device_radix_sort.cuh"):
+        (fake / name).write_text('#include "cuda_emulate.cuh"\n')
+    sources = []
+    for name in ("step_kernels.cu", "select_kernels.cu"):
+        with open(os.path.join(CSRC, name)) as f:
+            text, count = LAUNCH.subn(r"emu::launch(emu::Cfg{\2}, \1, ", f.read())
+        assert count >= 2, f"no kernel launch found in {name}"
+        assert "<<<" not in text, f"a launch in {name} was not rewritten"
+        src = d / (name[:-3] + ".cpp")
+        src.write_text('#include "cuda_emulate.cuh"\n' + text)
+        sources.append(str(src))
+    (d / "api.cpp").write_text(API)
+    sources.append(str(d / "api.cpp"))
+    lib = d / "libfastsel_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
+           "-Wno-unused-variable", "-Wno-unused-but-set-variable", f"-I{fake}", f"-I{CSRC}",
+           "-DFASTSEL_STEP_MAX_BLOCKS=3", *sources, "-o", str(lib)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-6000:]}"
+    h = ctypes.CDLL(str(lib))
+    h.emu_error.restype = ctypes.c_char_p
+    for f in ("emu_step_ctl_bytes", "emu_step_group_bytes", "emu_step_rows_bytes"):
+        getattr(h, f).restype = ctypes.c_longlong
+    h.emu_step_group_bytes.argtypes = h.emu_step_rows_bytes.argtypes = [ctypes.c_longlong]
+    h.emu_reset.argtypes = [ctypes.c_uint, ctypes.c_int]
+    h.emu_step.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong), ctypes.c_double,
+                           ctypes.c_double]
+    h.emu_select.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
+    h.emu_shuffle.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
+    h.emu_uniform.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                              ctypes.c_longlong, ctypes.c_void_p]
+    h.emu_reset(1, 1)
+    return h
+
+
+def _check_rc(lib, rc):
+    assert rc == 0, (rc, lib.emu_error().decode())
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+class Scratch:
+    """The step's scratch as cuda_glue.cpp keeps it: zeroed once, grown, never cleared."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.ctl = torch.zeros(lib.emu_step_ctl_bytes(), dtype=torch.uint8)
+        self.slot = torch.zeros(1, dtype=torch.int32)
+        self.group = torch.zeros(lib.emu_step_group_bytes(1), dtype=torch.uint8)
+        self.rows = torch.full((lib.emu_step_rows_bytes(1),), 0xA5, dtype=torch.uint8)
+
+    def fit(self, n, b):
+        if self.slot.numel() < max(n, 1):
+            self.slot = torch.zeros(max(n, 1), dtype=torch.int32)
+        if self.group.numel() < self.lib.emu_step_group_bytes(b):
+            self.group = torch.zeros(self.lib.emu_step_group_bytes(b), dtype=torch.uint8)
+        if self.rows.numel() < self.lib.emu_step_rows_bytes(b):
+            self.rows = torch.full((self.lib.emu_step_rows_bytes(b),), 0xA5, dtype=torch.uint8)
+
+    def assert_zero(self):
+        assert int(self.ctl[:CTL_COUNTERS].abs().sum()) == 0, "the step left its counters non-zero"
+        assert int(self.slot.abs().sum()) == 0, "the step left a sample's slot claimed"
+        assert int(self.group.abs().sum()) == 0, "the step left a group sum non-zero"
+
+
+def make_state(n, seed):
+    """The ops' state tensors from a non-trivial start (some samples seen, weights not 1)."""
+    g = torch.Generator().manual_seed(seed)
+    seen = torch.randint(0, 3, (n + 1,), generator=g, dtype=torch.int32)
+    seen[n] = 0
+    was = seen > 0
+    return [torch.rand(n + 1, generator=g) * 2 * was, torch.rand(n + 1, generator=g) * 0.2 * was,
+            torch.rand(n + 1, generator=g) * was, seen, torch.where(was, 2, -1).to(torch.int32),
+            torch.cat([torch.rand(n, generator=g) + 0.5, torch.ones(1)]),
+            torch.tensor([1.0, 4.5, 3.0], dtype=torch.float64), torch.zeros(layout.ERR_SIZE, dtype=torch.int64)]
+
+
+def emu_step(lib, scratch, logits, target, indices, state, class_weight=None, ignore_index=-100,
+             label_smoothing=0.0, ema=0.3, reduction="mean", strict=False, epoch=3, update=True,
+             need_grad=True):
+    """ce_step_csrc as cuda_glue.cpp runs it, on the emulated kernels: (out, grad, grad_scale,
+    strict_errors); nothing raised (the caller checks strict_errors)."""
+    b, c = logits.shape
+    n = state[0].numel() - 1
+    scratch.fit(n, b)
+    none = reduction == "none"
+    out = torch.empty(b) if none else torch.empty(())
+    grad_scale = torch.empty(())
+    grad = torch.empty_like(logits) if need_grad else None
+    strict_errors = torch.full((layout.ERR_SIZE,), -7, dtype=torch.int64) if strict else None
+    ptrs = [logits, target, indices, class_weight, *state, grad, out if none else None,
+            None if none else out, grad_scale, strict_errors, scratch.ctl, scratch.slot, scratch.group,
+            scratch.rows]
+    arr = (ctypes.c_void_p * len(ptrs))(*[None if t is None else t.data_ptr() for t in ptrs])
+    ints = [LOGITS_TYPE[logits.dtype], target.dtype == torch.int64, indices.dtype == torch.int64, b, c, n,
+            ignore_index, RED[reduction], strict, update, epoch]
+    iv = (ctypes.c_longlong * len(ints))(*[int(v) for v in ints])
+    _check_rc(lib, lib.emu_step(arr, iv, float(label_smoothing), float(ema)))
+    scratch.assert_zero()
+    return out, grad, grad_scale, strict_errors
+
+
+def ref_step(logits, target, indices, state, class_weight=None, ignore_index=-100, label_smoothing=0.0,
+             ema=0.3, reduction="mean", strict=False, epoch=3, update=True, need_grad=True):
+    return reference.ce_step(logits, target, indices, *state, class_weight, ignore_index, label_smoothing, ema,
+                             RED[reduction], strict, epoch, update, need_grad)
+
+
+def assert_states(got, want, tol=1.0):
+    names = ("loss", "loss_var", "p_true", "seen", "last_epoch", "weight", "stats", "errors")
+    for name, x, y in zip(names, got, want):
+        if x.is_floating_point():
+            torch.testing.assert_close(x, y, rtol=1e-5 * tol, atol=1e-6 * tol, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(x, y), (name, x, y)
+
+
+def run_both(lib, scratch, logits, target, indices, n=23, seed=0, grad_tol=1.0, **kw):
+    st_e, st_r = make_state(n, seed), make_state(n, seed)
+    out, grad, scale, se = emu_step(lib, scratch, logits, target, indices, st_e, **kw)
+    ref_out, ref_grad, _ = ref_step(logits, target, indices, st_r, **kw)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6, equal_nan=True)
+    if kw.get("need_grad", True):
+        g = grad.float() * scale
+        tol = 1.0 if logits.dtype == torch.float32 else 300.0
+        torch.testing.assert_close(g, ref_grad.float(), rtol=1e-5 * tol * grad_tol, atol=1e-6 * tol * grad_tol,
+                                   equal_nan=True)
+    assert_states(st_e, st_r)
+    return st_e, se
+
+
+def _batch(b, c, n, seed, dtype=torch.float32, dup_pool=None, bad=True, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, c, generator=g) * scale).to(dtype)
+    y = torch.randint(0, c, (b,), generator=g)
+    i = torch.randint(0, dup_pool or n, (b,), generator=g)
+    if bad and b >= 6:
+        y[1] = -100          # ignored
+        i[3] = n             # out of range
+        y[4] = c + 2         # bad label
+        i[5] = -1
+    return x, y, i
+
+
+# ---- the step on the emulated kernels --------------------------------------------------------
+
+# One C per kernel configuration: lanes per row 4, 8, 16, 32 with 1 logit per lane; 32 lanes
+# with 2, 4, 8, 16, 32 logits per lane; wider rows streamed.
+CLASS_COUNTS = [1, 3, 7, 16, 31, 50, 100, 200, 400, 1000, 1100]
+
+
+@pytest.mark.parametrize("c", CLASS_COUNTS)
+def test_emulated_step_every_class_count_path(emu, c):
+    s = Scratch(emu)
+    for reduction in ("mean", "sum", "none"):
+        x, y, i = _batch(37, c, 23, seed=c, dup_pool=9)
+        run_both(emu, s, x, y, i, reduction=reduction, label_smoothing=0.1 if reduction == "sum" else 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_step_low_precision_logits(emu, dtype):
+    s = Scratch(emu)
+    for c in (10, 300, 1500):
+        x, y, i = _batch(21, c, 23, seed=c, dtype=dtype, dup_pool=11)
+        run_both(emu, s, x, y, i)
+
+
+def test_emulated_step_class_weights_smoothing_and_ignore_index(emu):
+    s = Scratch(emu)
+    for c in (5, 77):
+        w = torch.rand(c, generator=torch.Generator().manual_seed(c)) + 0.2
+        for ls in (0.0, 0.2):
+            for reduction in ("mean", "sum", "none"):
+                x, y, i = _batch(29, c, 23, seed=c + 1, dup_pool=13)
+                y[7] = 3
+                run_both(emu, s, x, y, i, class_weight=w, label_smoothing=ls, reduction=reduction, ignore_index=3)
+
+
+def test_emulated_step_duplicates_and_one_index_batch(emu):
+    """Duplicates within a warp, across warps and across blocks (the grid is capped at 3 blocks
+    here, so blocks also loop over tiles), and a batch whose rows all carry one index."""
+    s = Scratch(emu)
+    for c, b in ((4, 300), (20, 70), (64, 90), (2000, 19)):
+        x, y, i = _batch(b, c, 23, seed=b, bad=False)
+        i[:] = 5
+        run_both(emu, s, x, y, i)
+        x, y, i = _batch(b, c, 23, seed=b + 1, dup_pool=3)
+        run_both(emu, s, x, y, i, ema=0.9)
+
+
+def test_emulated_step_consecutive_steps_share_the_scratch(emu):
+    """The scratch is never cleared by the caller: each step must leave it zero for the next;
+    also N and B change between steps (the slot array and group buffer grow)."""
+    s = Scratch(emu)
+    st_e, st_r = make_state(40, 1), make_state(40, 1)
+    for step, (b, c) in enumerate([(9, 5), (50, 40), (3, 5), (64, 300), (0, 7), (33, 2)]):
+        x, y, i = _batch(b, c, 40, seed=step, dup_pool=12 if step % 2 else None)
+        for kw in ({}, {"update": False}, {"need_grad": False, "reduction": "sum"}):
+            out, grad, scale, _ = emu_step(emu, s, x, y, i, st_e, epoch=step, **kw)
+            ref_out, ref_grad, _ = ref_step(x, y, i, st_r, epoch=step, **kw)
+            torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6, equal_nan=True)
+            if grad is not None:
+                torch.testing.assert_close(grad * scale, ref_grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+            assert_states(st_e, st_r)
+
+
+def test_emulated_step_nonfinite_rows_and_int32_inputs(emu):
+    s = Scratch(emu)
+    for c in (6, 90, 1200):
+        x, y, i = _batch(24, c, 23, seed=c, dup_pool=8)
+        x[0, 2] = float("nan")
+        x[2] = float("-inf")
+        x[6, 0] = float("inf")
+        x[7] = 1e30
+        x[8, y[8]] = float("-inf")
+        run_both(emu, s, x, y.int(), i.int())
+        run_both(emu, s, x, y, i, label_smoothing=0.3, reduction="none")
+
+
+def test_emulated_step_strict_mode_refuses_before_any_write(emu):
+    s = Scratch(emu)
+    x, y, i = _batch(30, 12, 23, seed=4, dup_pool=6)
+    st = make_state(23, 2)
+    before = [t.clone() for t in st]
+    _, _, _, se = emu_step(emu, s, x, y, i, st, strict=True)
+    assert se.tolist() == [2, int(i[3]), 1, int(y[4])]
+    assert_states(st, before)
+    x, y, i = _batch(30, 12, 23, seed=5, dup_pool=6, bad=False)  # nothing bad: a normal step
+    st_e, se = run_both(emu, s, x, y, i, strict=True)
+    assert se.tolist() == [0, 0, 0, 0]
+
+
+def test_emulated_step_empty_batch(emu):
+    s = Scratch(emu)
+    e = torch.empty(0, dtype=torch.int64)
+    for reduction in ("mean", "sum", "none"):
+        run_both(emu, s, torch.empty(0, 5), e, e, reduction=reduction)
+
+
+# ---- the selection pass on the emulated kernels ----------------------------------------------
+
+def emu_select(lib, keys, k):
+    out = torch.full((k,), -1, dtype=torch.int64)
+    if k:
+        _check_rc(lib, lib.emu_select(_ptr(keys), keys.numel(), k, _ptr(out)))
+    return out
+
+
+def _keys(n, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        keys = torch.randint(0, 7, (n,), generator=g).float()
+        keys[torch.rand(n, generator=g) < 0.05] = float("nan")
+    elif kind == "special":
+        big = torch.finfo(torch.float32).max
+        pool = torch.tensor([float("nan"), -big, float("inf"), 0.0, float("-inf"), big, -0.0, 1.0, -1.0, 1e-40])
+        keys = pool[torch.randint(0, len(pool), (n,), generator=g)]
+    elif kind == "equal":
+        keys = torch.full((n,), 0.25)
+    elif kind == "close":  # one top bucket, spread over the low bits
+        keys = 1.0 + torch.randint(0, 3000, (n,), generator=g).float() * 2.0 ** -23
+    else:
+        keys = torch.randn(n, generator=g)
+    return keys
+
+
+@pytest.mark.parametrize("kind", ["ties", "special", "equal", "close", "spread"])
+def test_emulated_select_equals_reference(emu, kind):
+    for n in (1, 5, 300, 4097, 13000):
+        keys = _keys(n, kind, n)
+        want = reference.select(keys, n)
+        for k in sorted({1, max(1, n // 3), max(1, n - 1), n}):
+            got = emu_select(emu, keys, k)
+            assert torch.equal(got, want[:k]), (kind, n, k)
+
+
+def test_emulated_select_with_more_blocks_and_rounds(emu):
+    """More blocks than the histogram passes cap (2 per SM): each block loops over rounds."""
+    for sms in (1, 3):
+        emu.emu_reset(7, sms)
+        for kind in ("ties", "spread"):
+            keys = _keys(20000, kind, sms)
+            assert torch.equal(emu_select(emu, keys, 6000), reference.select(keys, 6000))
+    emu.emu_reset(1, 1)
+
+
+def test_emulated_select_scans_more_chunks_than_a_block_has_threads(emu):
+    """Over 256 chunks of 4096 keys: the last block scans the chunk counts in several rounds."""
+    emu.emu_reset(5, 8)
+    n = 256 * 4096 + 12345
+    keys = _keys(n, "ties", 1)
+    k = int(0.3 * n)
+    assert torch.equal(emu_select(emu, keys, k), reference.select(keys, k))
+    emu.emu_reset(1, 1)
+
+
+def _colliding_indices(key):
+    """Sample indices whose STREAM_SHUFFLE uniforms are equal (groups of 2 or more)."""
+    idx = torch.arange(1 << 18)
+    u = rng.uniform(idx, key, rng.STREAM_SHUFFLE)
+    _, inv, counts = torch.unique(u, return_inverse=True, return_counts=True)
+    return idx[counts[inv] > 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_emulated_shuffle_and_uniform_bit_exact(emu, dtype):
+    g = torch.Generator().manual_seed(3)
+    coll = _colliding_indices(777)
+    assert coll.numel() > 100
+    chosen = torch.cat([coll[torch.randperm(coll.numel(), generator=g)][:600],
+                        torch.randperm(1 << 18, generator=g)[:900]])
+    chosen = chosen[torch.randperm(chosen.numel(), generator=g)].to(dtype)
+    out = torch.empty_like(chosen)
+    _check_rc(emu, emu.emu_shuffle(_ptr(chosen), dtype == torch.int64, chosen.numel(), 777, _ptr(out)))
+    assert torch.equal(out, reference.shuffle(chosen, 777))
+    u = torch.empty(chosen.numel())
+    _check_rc(emu, emu.emu_uniform(_ptr(chosen), dtype == torch.int64, chosen.numel(), 12345, 1, _ptr(u)))
+    assert torch.equal(u, rng.uniform(chosen, 12345, 1))
+
+
+# ---- on a GPU --------------------------------------------------------------------------------
+
+def _cuda_ready():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from fastsel.backends import get_backend  # noqa: F401
+    from fastsel.backends.cuda import CudaBackend
+    return CudaBackend().unavailable()
+
+
+_WHY = _cuda_ready()
+needs_gpu = pytest.mark.skipif(_WHY is not None, reason=f"needs the cuda backend: {_WHY}")
+
+
+def _gpu_op(name):
+    return getattr(torch.ops.fastsel, f"{name}_csrc")
+
+
+def _to(state, dev):
+    return [t.to(dev) for t in state]
+
+
+@needs_gpu
+@pytest.mark.parametrize("b,c", [(256, 10), (1024, 100), (4096, 1000), (300, 5000)])
+def test_gpu_step_matches_reference(b, c):
+    dev = "cuda"
+    for dup in (None, 50, 1):
+        x, y, i = _batch(b, c, 5000, seed=b + c, dup_pool=dup)
+        x, y, i = x.to(dev), y.to(dev), i.to(dev)
+        for kw in ({}, {"reduction": "none", "label_smoothing": 0.1}, {"update": False}):
+            st_c, st_r = _to(make_state(5000, 1), dev), _to(make_state(5000, 1), dev)
+            red = RED[kw.get("reduction", "mean")]
+            args = (None, -100, kw.get("label_smoothing", 0.0), 0.3, red, False, 4, kw.get("update", True), True)
+            out, grad, scale = _gpu_op("ce_step")(x, y, i, *st_c, *args)
+            ref_out, ref_grad, _ = reference.ce_step(x, y, i, *st_r, *args)
+            torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6, equal_nan=True)
+            torch.testing.assert_close(grad * scale, ref_grad, rtol=1e-4, atol=1e-6, equal_nan=True)
+            assert_states([t.cpu() for t in st_c], [t.cpu() for t in st_r])
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [1_280_000, 10_000_000])
+def test_gpu_select_and_shuffle_match_reference(n):
+    for kind in ("ties", "spread"):
+        keys = _keys(n, kind, n).cuda()
+        k = int(0.3 * n)
+        got = _gpu_op("select")(keys, k)
+        want = reference.select(keys, k)
+        assert torch.equal(got, want), kind
+        assert torch.equal(_gpu_op("shuffle")(got, 99), reference.shuffle(want, 99)), kind
+
+
+@needs_gpu
+def test_gpu_step_captured_in_a_cuda_graph_replays_like_eager():
+    """A strict=False step (forward with grad, state update, duplicates) captured once and
+    replayed on new batches copied into its inputs leaves the state eager steps leave."""
+    dev = "cuda"
+    n, b, c = 3000, 512, 100
+    batches = [_batch(b, c, n, seed=s, dup_pool=400) for s in range(4)]
+    op = _gpu_op("ce_step")
+
+    def step(x, y, i, st):
+        return op(x, y, i, *st, None, -100, 0.0, 0.3, RED["mean"], False, 2, True, True)
+
+    eager = _to(make_state(n, 3), dev)
+    eager_out = []
+    for x, y, i in batches:
+        out, grad, scale = step(x.to(dev), y.to(dev), i.to(dev), eager)
+        eager_out.append((out.clone(), (grad * scale).clone()))
+
+    graphed = _to(make_state(n, 3), dev)
+    sx, sy, si = (t.to(dev).clone() for t in batches[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+        warm = _to(make_state(n, 3), dev)
+        for _ in range(2):
+            step(sx, sy, si, warm)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        g_out, g_grad, g_scale = step(sx, sy, si, graphed)
+    # Capture recorded the step without running it: the state is untouched so far.
+    assert_states([t.cpu() for t in graphed], make_state(n, 3))
+    for (x, y, i), (out, grad) in zip(batches, eager_out):
+        sx.copy_(x)
+        sy.copy_(y)
+        si.copy_(i)
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(g_out, out, rtol=0, atol=0)
+        torch.testing.assert_close(g_grad * g_scale, grad, rtol=0, atol=0)
+    # (float64 atomics sum a sample's duplicates: the same bits unless a sum is inexact)
+    assert_states([t.cpu() for t in graphed], [t.cpu() for t in eager], tol=0.1)
+
+
+@needs_gpu
+def test_gpu_capture_without_warm_up_is_refused_clearly():
+    """A capture cannot allocate or zero the scratch: a state larger than any eager step's
+    is refused with the fix (an eager warm-up call), not run on a half-made scratch."""
+    dev = "cuda"
+    n = 12_000_001  # more samples than any other test's state: the slot array would have to grow
+    st = _to(make_state(n, 0), dev)
+    x, y, i = (t.to(dev) for t in _batch(64, 10, n, seed=0))
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="warm-up"):
+        with torch.cuda.graph(g):
+            _gpu_op("ce_step")(x, y, i, *st, None, -100, 0.0, 0.3, RED["mean"], False, 0, True, True)
+
+
+# ---- the GPU script's results file, dry-run on the CPU ---------------------------------------
+
+def test_gpu_fastpath_dry_run_writes_the_results_schema(tmp_path):
+    out = tmp_path / "gpu_fastpath_cpu.json"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_fastpath.py"), "--dry-run",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data) >= {"device", "command", "rows"}
+    assert isinstance(data["device"], str) and "gpu_fastpath.py" in data["command"]
+    steps = [r for r in data["rows"] if r["op"] == "step"]
+    selects = [r for r in data["rows"] if r["op"] == "select"]
+    assert steps and selects and len(steps) + len(selects) == len(data["rows"])
+    assert {r["impl"] for r in steps} >= {"plain", "bare_ce"} and {r["impl"] for r in selects} >= {"topk"}
+    assert {r["impl"] for r in data["rows"]} <= {"cuda", "triton", "plain", "bare_ce", "topk"}
+    for r in steps:
+        assert {"B", "C", "gpu_us", "host_us"} <= set(r) and not {"N", "k"} & set(r)
+    for r in selects:
+        assert {"N", "k", "gpu_us", "host_us"} <= set(r) and not {"B", "C"} & set(r)
+    for r in data["rows"]:
+        assert all(isinstance(r[f], (int, float)) and r[f] >= 0 for f in ("gpu_us", "host_us"))
+    # Every impl was measured at every size of its op.
+    for rows, size in ((steps, ("B", "C")), (selects, ("N", "k"))):
+        sizes = {tuple(r[f] for f in size) for r in rows}
+        for impl in {r["impl"] for r in rows}:
+            assert {tuple(r[f] for f in size) for r in rows if r["impl"] == impl} == sizes, impl
