@@ -11,6 +11,7 @@ selection pass, and weights the backward batch through ``sampler.loss(..., updat
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .batch_policies import BatchPolicy, batch_topk, make_batch_policy
-from .batch_policies.base import TopK
+from .batch_policies.base import TopK, downsample
 from .distributed import agree_min
 from .sampler import Sampler
 from .state import check_int, check_keys, check_real, check_tensor, check_values, refuse, require
@@ -35,6 +36,22 @@ def _check_positive_int(name: str, v: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
 
 
+def _check_schedule(start: Any, end: Any, interrupt: Any) -> Tuple[float, float, int]:
+    """The on/off schedule's (start, end, interrupt), or an error naming the bad one."""
+    for name, v in (("start", start), ("end", end)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be a share of training in [0, 1], got {name}={v!r}")
+    if not start < end:
+        raise ValueError(f"start must be below end (the policy selects while start <= progress "
+                         f"< end), got start={start!r}, end={end!r}")
+    if isinstance(interrupt, bool) or not isinstance(interrupt, int) or interrupt < 0 \
+            or interrupt == 1:
+        raise ValueError(f"interrupt must be 0 (never) or an int n >= 2 (every n-th step trains "
+                         f"on all rows), got interrupt={interrupt!r}")
+    return float(start), float(end), int(interrupt)
+
+
 class SelectiveStep:
     """One training step that backpropagates only the rows a batch-level policy picks.
 
@@ -42,11 +59,16 @@ class SelectiveStep:
         model: the classifier (``model(x)`` → logits [B, C]).
         policy: "sb" (Selective Backprop), "osgd" (Ordered SGD), "sift" or a
             :class:`fastsel.batch_policies.BatchPolicy`; its parameters go in
-            ``**policy_kwargs`` (e.g. ``b=``, ``history=``, ``stale=``, ``leftover=`` for SB;
+            ``**policy_kwargs`` (e.g. ``b=``, ``history=``, ``stale=``, ``leftover=``, ``share=``,
+            ``scale_factor=`` for SB;
             ``schedule=`` for OSGD; ``module=``, ``exit_lr=``, ``probe_every=`` for SIFT).
-        keep: the kept share in (0, 1]. SB: the expected share (b = 1/keep − 1, default
-            0.5); OSGD: the share before the accuracy schedule shrinks it (default 1.0);
-            SIFT: the share of each batch (default 0.5).
+        keep: the kept share in (0, 1]. SB: the share (b = 1/keep − 1, default 0.5), kept
+            exactly over an epoch by default (``share="exact"``: each batch keeps
+            round(carry + keep·B) rows, the remainder carried to the next; see
+            :class:`fastsel.batch_policies.SelectiveBackprop`); SB's ``scale_factor=``
+            (in (0, 1]) downsamples images for its selection forward. OSGD: the share before
+            the accuracy schedule shrinks it (default 1.0); SIFT: the share of each batch
+            (default 0.5).
         optimizer: if given, the step owns it: it zeroes the gradients, steps it every
             ``accumulate`` backward batches (through ``scaler`` if given) and then steps
             ``scheduler``. If None, the step only accumulates gradients in ``.grad`` and
@@ -70,6 +92,15 @@ class SelectiveStep:
             the lower position); a GPU kernel can be plugged in here.
         seed: seeds SB's random decisions (counter-based, the same on every device).
         profile: synchronise CUDA around timed sections so times are device times.
+        start, end: the on/off schedule over training (Composer's): the policy selects
+            while start <= progress < end (end = 1.0 includes the very end); before
+            ``start`` and from ``end`` on, every row of each batch is trained. Progress is
+            the sampler's ``progress()`` when there is a sampler, else the steps so far
+            (calls of ``step``) / ``total_steps``. Defaults 0.0 and 1.0: always on.
+        interrupt: n >= 2: every n-th step (steps n, 2n, ... counted from 1 over the whole
+            run) trains on all rows; 0 (default): never.
+        total_steps: the run's number of ``step`` calls (e.g. epochs × batches per epoch),
+            for ``start``/``end`` without a sampler.
 
     Call ``step(x, y, idx)`` (or the object itself) once per batch; it returns the mean
     loss of the backward batches it ran (detached), or None when it ran none (SB still
@@ -85,6 +116,13 @@ class SelectiveStep:
     as many full backward batches as the rank with the fewest can; ``flush()`` and
     ``leftover="flush"`` train the number of rows every rank has, and keep the rest
     pending. Every rank thus runs the same forward and backward passes, as DDP needs.
+
+    A step the schedule turns off (before ``start``, from ``end`` on, an ``interrupt``
+    step) does not consult the policy: it runs one forward and backward pass on the whole
+    batch, as a plain training step would (not pooled into SB's backward batches; SB's
+    pending rows stay pending, its history and quota are left as they are). The sampler,
+    if any, observes each row once in that forward (``sampler.loss(update=True)`` on its
+    detached logits), and its accuracy counts towards the epoch's.
     """
 
     def __init__(self, model: nn.Module, policy: Union[str, BatchPolicy] = "sb",
@@ -95,7 +133,9 @@ class SelectiveStep:
                  num_samples: Optional[int] = None,
                  loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
                  ignore_index: int = -100, topk: Optional[TopK] = None, seed: int = 0,
-                 profile: bool = False, **policy_kwargs: Any) -> None:
+                 profile: bool = False, start: float = 0.0, end: float = 1.0,
+                 interrupt: int = 0, total_steps: Optional[int] = None,
+                 **policy_kwargs: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if keep is not None:
@@ -122,6 +162,15 @@ class SelectiveStep:
             ignore_index = sampler.cfg.ignore_index
         if topk is not None and not callable(topk):
             raise TypeError("topk must be a callable (values, k) -> positions")
+        self.start, self.end, self.interrupt = _check_schedule(start, end, interrupt)
+        _check_positive_int("total_steps", total_steps, allow_none=True)
+        if total_steps is not None and sampler is not None:
+            raise ValueError(f"total_steps={total_steps} given with a sampler: the schedule's "
+                             f"progress is the sampler's progress(); drop total_steps")
+        if (self.start > 0.0 or self.end < 1.0) and sampler is None and total_steps is None:
+            raise ValueError(f"start={start!r}, end={end!r} need the training's progress: pass "
+                             f"total_steps= (the run's number of step calls) or a sampler")
+        self.total_steps = total_steps
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -149,7 +198,8 @@ class SelectiveStep:
         self._known: Optional[torch.Tensor] = None
         self.counts = {"steps": 0, "samples_in": 0, "selection_forward": 0, "exit_forward": 0,
                        "train_forward": 0, "backward": 0, "probe_forward": 0,
-                       "backward_batches": 0, "optimizer_steps": 0, "epochs_ended": 0}
+                       "backward_batches": 0, "optimizer_steps": 0, "epochs_ended": 0,
+                       "chosen": 0, "full_steps": 0, "full_rows": 0}
         self.times = {"total": 0.0, "selection": 0.0, "selection_forward": 0.0, "train": 0.0}
         self.last: Dict[str, Any] = {}
         self.last_accuracy: Optional[float] = None   # the last closed epoch's, from selection forwards
@@ -242,25 +292,43 @@ class SelectiveStep:
         i = i.to(self._last_loss.device)
         return self._last_loss[i], self._known[i]  # type: ignore[index]
 
-    def selection_forward(self, x: torch.Tensor, y: torch.Tensor,
-                          idx: Optional[torch.Tensor]) -> torch.Tensor:
-        """A forward pass without gradients on every row: per-sample losses (float32).
-
-        The sampler (if any) observes each row here, once; the epoch's accuracy and
-        StaleSB's last losses are recorded from it."""
-        t0 = self.clock()
+    def _count_accuracy(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a forward's correct predictions to the epoch's (read by OSGD's schedule)."""
         with torch.no_grad():
-            with self.autocast_ctx(x):
-                logits = self.model(x)
-            losses = self._per_sample(logits, y).detach().float()
-            self.observe(logits, y, idx)
             active = y != self.ignore_index
-            correct = ((logits.argmax(1) == y) & active).sum()
+            correct = ((logits.detach().argmax(1) == y) & active).sum()
             if self._correct is None:
                 self._correct = torch.zeros((), dtype=torch.int64, device=correct.device)
                 self._counted = torch.zeros((), dtype=torch.int64, device=correct.device)
             self._correct += correct
             self._counted += active.sum()  # type: ignore[operator]
+
+    def selection_forward(self, x: torch.Tensor, y: torch.Tensor,
+                          idx: Optional[torch.Tensor], scale_factor: float = 1.0) -> torch.Tensor:
+        """A forward pass without gradients on every row: per-sample losses (float32).
+
+        ``scale_factor`` < 1: the forward sees the images [B, C, H, W] downsampled by it
+        (bilinear; refused for other inputs). The sampler (if any) observes each row here,
+        once; the epoch's accuracy and StaleSB's last losses are recorded from it."""
+        t0 = self.clock()
+        xs = downsample(x, scale_factor)
+        with torch.no_grad():
+            with self.autocast_ctx(xs):
+                if xs is x:
+                    logits = self.model(xs)
+                else:
+                    try:
+                        logits = self.model(xs)
+                    except RuntimeError as e:
+                        raise RuntimeError(
+                            f"the model failed on the downsampled selection input "
+                            f"{tuple(xs.shape)} (scale_factor={scale_factor}, from "
+                            f"{tuple(x.shape)}): with scale_factor < 1 it must accept smaller "
+                            f"images (e.g. global average pooling before the classifier): {e}"
+                        ) from e
+            losses = self._per_sample(logits, y).detach().float()
+            self.observe(logits, y, idx)
+            self._count_accuracy(logits, y)
             self._record_last(idx, losses)
         self.counts["selection_forward"] += int(x.shape[0])
         self.times["selection_forward"] += self.clock() - t0
@@ -276,9 +344,11 @@ class SelectiveStep:
         return out
 
     # ---- training -----------------------------------------------------------------------
-    def _train(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor]
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _train(self, x: torch.Tensor, y: torch.Tensor, idx: Optional[torch.Tensor],
+               observe: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward on one backward batch, optimizer step when due.
+        ``observe``: this forward is the rows' only one (a step the schedule turned off):
+        the sampler observes them in it and it counts towards the epoch's accuracy.
         Returns (the batch's loss, its per-sample losses), both detached."""
         t0 = self.clock()
         opt = self.optimizer
@@ -286,6 +356,9 @@ class SelectiveStep:
             opt.zero_grad(set_to_none=True)
         with self.autocast_ctx(x):
             logits = self.model(x)
+            if observe:
+                self.observe(logits, y, idx)
+                self._count_accuracy(logits, y)
             if self.sampler is not None:
                 red = None if self.sampler.cfg.reduction != "none" else "mean"
                 if self.loss_fn is not None:
@@ -371,12 +444,25 @@ class SelectiveStep:
         self._follow_epoch()
         if self.batch_size is None:
             self.batch_size = b
+        losses: List[torch.Tensor] = []
+        trained: List[Optional[torch.Tensor]] = []
+        if not self.selecting():
+            # The schedule is off: a plain step on every row, the policy not consulted.
+            self.counts["steps"] += 1
+            self.counts["samples_in"] += b
+            self.counts["full_steps"] += 1
+            self.counts["full_rows"] += b
+            losses.append(self._train(x, y, idx, observe=True)[0])
+            trained.append(idx)
+            self.last = {"chosen": torch.arange(b, device=x.device), "backward_batches": 1,
+                         "trained_indices": trained, "pending": self._pending, "selecting": False}
+            self.times["total"] += time.perf_counter() - t_start
+            return losses[0]
         pos = self.policy.choose(self, x, y, idx)
         pos = torch.sort(pos).values
         self.counts["steps"] += 1
         self.counts["samples_in"] += b
-        losses: List[torch.Tensor] = []
-        trained: List[Optional[torch.Tensor]] = []
+        self.counts["chosen"] += int(pos.numel())
         if self.policy.fixed_batch:
             if pos.numel():
                 self._pend.append((x[pos], y[pos], None if idx is None else idx[pos]))
@@ -392,13 +478,36 @@ class SelectiveStep:
             trained.append(ib)
             self.policy.after_train(self, x, y, idx, pos, per)
         self.last = {"chosen": pos, "backward_batches": len(losses), "trained_indices": trained,
-                     "pending": self._pending}
+                     "pending": self._pending, "selecting": True}
         self.times["total"] += time.perf_counter() - t_start
         if not losses:
             return None
         return torch.stack(losses).float().mean()
 
     __call__ = step
+
+    # ---- the on/off schedule ------------------------------------------------------------
+    def progress(self) -> float:
+        """The share of training done, for ``start``/``end``: the sampler's ``progress()``,
+        else the steps so far / ``total_steps`` (0.0 when neither is known)."""
+        if self.sampler is not None:
+            return float(self.sampler.progress())
+        if self.total_steps is None:
+            return 0.0
+        return min(1.0, self.counts["steps"] / self.total_steps)
+
+    def selecting(self) -> bool:
+        """Whether the next ``step`` lets the policy select (the schedule is on), or trains
+        every row: off before ``start``, from ``end`` on (end = 1.0 never turns it off) and
+        on every ``interrupt``-th step. Under DDP the ranks agree on it (one all-reduce of
+        a flag, only when ``start``/``end`` are set: a time budget's progress differs)."""
+        if self.interrupt and (self.counts["steps"] + 1) % self.interrupt == 0:
+            return False
+        if self.start == 0.0 and self.end == 1.0:
+            return True
+        p = self.progress()
+        on = self.start <= p and (p < self.end or self.end == 1.0)
+        return bool(agree_min(int(on)))
 
     def _pooled(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The pending rows as one (inputs, labels, indices), kept as the only pending entry."""
@@ -483,6 +592,10 @@ class SelectiveStep:
             "backward_batches": c["backward_batches"],
             "optimizer_steps": c["optimizer_steps"],
             "kept_share": c["backward"] / c["samples_in"] if c["samples_in"] else 0.0,
+            # rows the policy chose / rows of the steps where it selected (SB's exact share)
+            "chosen_share": (c["chosen"] / (c["samples_in"] - c["full_rows"])
+                             if c["samples_in"] > c["full_rows"] else None),
+            "full_steps": c["full_steps"],
             "pending": self._pending,
             "selection_time_s": t["selection"],
             "selection_forward_time_s": t["selection_forward"],

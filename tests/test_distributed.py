@@ -114,7 +114,7 @@ def _sb_worker(rank, world, init_file, out_dir):
         torch.manual_seed(0)  # the same initial model on every rank
         model = DDP(nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        step = fastsel.SelectiveStep(model, "sb", keep=0.4, optimizer=opt, seed=rank)
+        step = fastsel.SelectiveStep(model, "sb", keep=0.4, share="expected", optimizer=opt, seed=rank)
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         batches, pending = [], []
         for t in range(25):

@@ -479,7 +479,9 @@ def test_gradient_accumulation_steps_once_per_accumulate_backward_batches():
 def test_stale_sb_skips_the_selection_forward_in_stale_epochs():
     x, y = data(n=96)
     model = mlp()
-    s = SelectiveStep(model, "sb", keep=0.5, stale=2, num_samples=96,
+    # share="expected": SB's per-row coin, which keeps every never-seen sample (the exact
+    # share keeps them first within its quota: tests/test_sb_schedule.py).
+    s = SelectiveStep(model, "sb", keep=0.5, stale=2, num_samples=96, share="expected",
                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     for i in range(0, 64, 16):                       # epoch 0: fresh, samples 0..63
         s.step(x[i:i + 16], y[i:i + 16], torch.arange(i, i + 16))
@@ -562,7 +564,7 @@ def test_resume_with_pending_rows_continues_exactly():
 def test_bad_pending_rows_are_refused_and_nothing_changes():
     x, y = data(n=64)
     s = SelectiveStep(mlp(), "sb", keep=0.5, seed=1)
-    for t in range(4):
+    for t in range(3):                  # 3 x 8 rows kept: one batch of 16 trained, 8 pending
         s.step(x[16 * t:16 * (t + 1)], y[16 * t:16 * (t + 1)])
     sd = s.state_dict()
     assert sd["pending"] is not None

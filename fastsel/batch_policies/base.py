@@ -68,6 +68,39 @@ def check_keep(keep: Any) -> float:
     return float(keep)
 
 
+def check_scale_factor(scale_factor: Any) -> float:
+    """The selection forward's downsampling factor: a number in (0, 1], or a clear error."""
+    if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) \
+            or not math.isfinite(scale_factor) or not 0.0 < scale_factor <= 1.0:
+        raise ValueError(f"scale_factor must be a number in (0, 1] (the selection forward's "
+                         f"downsampling of the images; 1.0 is full resolution), got "
+                         f"scale_factor={scale_factor!r}")
+    return float(scale_factor)
+
+
+def downsample(x: Any, scale_factor: float) -> Any:
+    """Images [B, C, H, W] interpolated (bilinear) by ``scale_factor`` for a cheaper
+    selection forward; ``x`` as is at 1.0. Anything but a floating 4-D image batch, or a
+    factor that leaves no pixel, is refused with a clear error."""
+    if scale_factor == 1.0:
+        return x
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"scale_factor={scale_factor} downsamples images [B, C, H, W] for the "
+                         f"selection forward, but the input is not one (got {shape}); use "
+                         f"scale_factor=1.0 for other inputs")
+    if not x.is_floating_point():
+        raise ValueError(f"scale_factor={scale_factor} needs floating-point images to "
+                         f"interpolate, got {x.dtype}; convert the batch to float first or use "
+                         f"scale_factor=1.0")
+    h, w = int(x.shape[2]), int(x.shape[3])
+    if math.floor(h * scale_factor) < 1 or math.floor(w * scale_factor) < 1:
+        raise ValueError(f"scale_factor={scale_factor} leaves no pixel of a {h}x{w} image; "
+                         f"use a larger factor")
+    return torch.nn.functional.interpolate(x, scale_factor=scale_factor, mode="bilinear",
+                                           align_corners=False, recompute_scale_factor=False)
+
+
 class BatchPolicy:
     """Base class: subclasses set ``name`` and implement ``choose``.
 
