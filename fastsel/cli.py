@@ -40,6 +40,8 @@ _seconds = _number(float, lambda v: v > 0 and v != float("inf"), "a time budget 
 _share = _number(float, lambda v: 0.0 <= v < 1.0, "expected a share in [0, 1)")
 _imbalance = _number(float, lambda v: 0.0 < v <= 1.0,
                      "imbalance is the rarest/most frequent class ratio, a number in (0, 1]")
+_redundancy = _number(float, lambda v: 0.0 <= v < 1.0,
+                      "redundancy is the share of near-copies in the training set, a number in [0, 1)")
 _lr = _number(float, lambda v: v > 0 and math.isfinite(v), "the learning rate must be a finite number > 0")
 #: The small CNN pools twice: a side of 1 pixel leaves nothing to pool.
 _image_size = _number(int, lambda v: v >= 2, "expected an image side of at least 2 pixels")
@@ -188,7 +190,9 @@ def _training_args(p: argparse.ArgumentParser, epochs: int, seeds: int) -> None:
     p.add_argument("--batch-size", type=_positive, default=32, help="batch size (default 32)")
     p.add_argument("--lr", type=_lr, default=0.05, help="initial learning rate (default 0.05)")
     p.add_argument("--backend", type=_backend, default="auto",
-                   help="fastsel backend that runs on the CPU, where training runs (default auto)")
+                   help="fastsel backend that runs on --device (default auto)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="where the models, batches and per-sample state live: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -224,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"synthetic: training images, at least {SYNTHETIC_CLASSES} (default 5000)")
     cmp_.add_argument("--n-test", type=_positive, default=1000, help="synthetic: test images (default 1000)")
     cmp_.add_argument("--label-noise", type=_share, default=0.0, help="synthetic: share of flipped training labels")
+    cmp_.add_argument("--redundancy", type=_redundancy, default=0.0,
+                      help="synthetic: share of training images that are near-copies of a few easy ones (default 0)")
     cmp_.add_argument("--imbalance", type=_imbalance, default=1.0,
                       help="synthetic: rarest/most frequent class ratio (default 1.0, balanced)")
     cmp_.add_argument("--image-size", type=_image_size, default=32,
@@ -276,7 +282,7 @@ def _check_backend(args: argparse.Namespace, argument: str, name: str, device: s
 
 def _check_training_args(args: argparse.Namespace) -> None:
     """``run``/``compare``: what depends on more than one argument or on this machine."""
-    _check_backend(args, "--backend", args.backend, "cpu")  # training runs on the CPU
+    _check_backend(args, "--backend", args.backend, args.device)
     if args.command != "compare":
         return
     if args.time_budget is not None and args.budgets is not None:
@@ -310,7 +316,7 @@ def _compare(args: argparse.Namespace, argv: List[str], policies: List[str], bud
     kwargs = {}
     if dataset == "synthetic":
         kwargs = dict(n_train=args.n_train, n_test=args.n_test, label_noise=args.label_noise,
-                      imbalance=args.imbalance)
+                      imbalance=args.imbalance, redundancy=args.redundancy)
     elif dataset.startswith("folder:"):
         kwargs = dict(size=args.image_size)
     if dataset.startswith(("folder:", "beton:")):
@@ -321,7 +327,7 @@ def _compare(args: argparse.Namespace, argv: List[str], policies: List[str], bud
     else:
         data = datasets.load(dataset, **kwargs)  # every option was checked: an error here is a bug
     specs = compare.plan(policies, budgets, range(args.seeds), args.epochs, time_budget,
-                         batch_size=args.batch_size, lr=args.lr, backend=args.backend)
+                         batch_size=args.batch_size, lr=args.lr, backend=args.backend, device=args.device)
     _check_plan(args, specs, len(data.train))
     results = compare.run(data, specs, show_progress=not args.no_progress)
     meta = {"command": "fastsel " + " ".join(shlex.quote(a) for a in argv),

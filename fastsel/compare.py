@@ -22,7 +22,13 @@ DEFAULT_BUDGETS = (0.2, 0.3, 0.5)
 def plan(policies: Sequence[str], budgets: Sequence[float], seeds: Sequence[int], epochs: int,
          time_budget: Optional[float] = None, **common: Any) -> List[RunSpec]:
     """The runs of a comparison: full training, then uniform and every other policy at each
-    budget (or at the one time budget), for every seed."""
+    budget (or at the one time budget), for every seed. ``common``: the other ``RunSpec``
+    fields shared by every run (batch_size, lr, backend, ``device`` — where models, batches
+    and samplers run, "cpu" by default).
+
+    ``rho`` runs split a holdout off the training set and pay for their irreducible-loss
+    model out of their own budget and wall time (``fastsel.train.rho_plan``), so every
+    policy at a budget spends the same passes."""
     names = ["uniform"] + [p for p in policies if p not in ("uniform", "full")]
     specs = []
     for seed in seeds:

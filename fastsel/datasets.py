@@ -25,6 +25,9 @@ class Data:
     size: int
     classes: int
     info: Dict[str, object] = field(default_factory=dict)
+    #: Per-training-sample bool masks a generator knows (synthetic: ``near_copy``,
+    #: ``noisy_label``), for analysis and tests; not part of ``info`` (which is printed).
+    masks: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, test_share: float, seed: int) -> Tuple[TensorDataset, TensorDataset]:
@@ -49,7 +52,8 @@ def digits(seed: int = 0, test_share: float = 0.25) -> Data:
 
 
 def synthetic(n_train: int = 5000, n_test: int = 1000, classes: int = 10, size: int = 32,
-              channels: int = 3, label_noise: float = 0.0, imbalance: float = 1.0, seed: int = 0) -> Data:
+              channels: int = 3, label_noise: float = 0.0, imbalance: float = 1.0, seed: int = 0,
+              redundancy: float = 0.0, sources: int = 2, copy_noise: float = 0.02) -> Data:
     """A seeded CIFAR-shaped image set: smooth class prototypes, each image a blend of its
     class's prototype with another class's (blend weight up to 0.5, so some images sit near
     a decision boundary) plus pixel noise.
@@ -59,11 +63,28 @@ def synthetic(n_train: int = 5000, n_test: int = 1000, classes: int = 10, size: 
     with counts falling geometrically across classes (1.0: balanced; the test set is always
     balanced). These are the settings where loss-based selection is known to go wrong: it
     chases mislabelled and rare samples.
+
+    ``redundancy``: share R of the training set (round(R·n_train) images, at random
+    positions) replaced by near-copies of a few easy images, as web-scale data repeats
+    itself: ``sources`` easy images per class (the class prototype with the usual pixel
+    noise but no blend toward another class), and each copy is a source of the replaced
+    image's class plus Gaussian noise of standard deviation ``copy_noise`` (clamped to
+    [0, 1]); class counts are unchanged. The training set keeps n_train images, of which
+    only (1 − R)·n_train are informative; the test set has no copies. Label noise is
+    applied after, to copies and originals alike. ``masks["near_copy"]`` marks the copies,
+    ``masks["noisy_label"]`` the flipped labels. R = 0 draws exactly the data it drew
+    before the option existed.
     """
     if not 0.0 <= label_noise < 1.0:
         raise ValueError(f"label_noise must be in [0, 1), got label_noise={label_noise}")
     if not 0.0 < imbalance <= 1.0:
         raise ValueError(f"imbalance must be in (0, 1], got imbalance={imbalance}")
+    if not 0.0 <= redundancy < 1.0:
+        raise ValueError(f"redundancy must be in [0, 1), got redundancy={redundancy}")
+    if isinstance(sources, bool) or not isinstance(sources, int) or sources < 1:
+        raise ValueError(f"sources must be an int >= 1 (easy images per class), got sources={sources!r}")
+    if not 0.0 <= copy_noise < float("inf"):
+        raise ValueError(f"copy_noise must be a finite standard deviation >= 0, got copy_noise={copy_noise}")
     if classes < 2 or n_train < classes or n_test < 1:
         raise ValueError(f"need classes >= 2, n_train >= classes and n_test >= 1, got "
                          f"classes={classes}, n_train={n_train}, n_test={n_test}")
@@ -84,13 +105,26 @@ def synthetic(n_train: int = 5000, n_test: int = 1000, classes: int = 10, size: 
     y_train = y_train[torch.randperm(len(y_train), generator=g)]
     y_test = torch.arange(n_test) % classes
     x_train, x_test = draw(y_train), draw(y_test)
+    near_copy = torch.zeros(len(y_train), dtype=torch.bool)
+    if redundancy > 0.0:  # draws nothing otherwise: the data without copies stay as they were
+        src = (protos.unsqueeze(1) + 0.15 * torch.randn(classes, sources, channels, size, size, generator=g))
+        src = src.clamp(0.0, 1.0)
+        n_copies = int(redundancy * len(y_train) + 0.5)
+        at = torch.randperm(len(y_train), generator=g)[:n_copies]
+        which = torch.randint(0, sources, (n_copies,), generator=g)
+        noise = copy_noise * torch.randn((n_copies, channels, size, size), generator=g)
+        x_train[at] = (src[y_train[at], which] + noise).clamp(0.0, 1.0)
+        near_copy[at] = True
     clean = y_train.clone()
     flip = torch.rand(len(y_train), generator=g) < label_noise
     y_train = torch.where(flip, (y_train + torch.randint(1, classes, y_train.shape, generator=g)) % classes, y_train)
     info = {"n_train": len(y_train), "n_test": n_test, "label_noise": label_noise, "imbalance": imbalance,
             "noisy_labels": int((y_train != clean).sum()), "class_counts": counts.tolist(), "seed": seed}
+    if redundancy > 0.0:
+        info.update(redundancy=redundancy, near_copies=int(near_copy.sum()), sources=sources * classes)
     return Data(TensorDataset(x_train, y_train), TensorDataset(x_test, y_test),
-                "synthetic", channels, size, classes, info)
+                "synthetic", channels, size, classes, info,
+                masks={"near_copy": near_copy, "noisy_label": y_train != clean})
 
 
 def _load_image(path: str, size: int) -> torch.Tensor:

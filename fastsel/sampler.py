@@ -86,7 +86,7 @@ class Sampler(torch.utils.data.Sampler[int]):
     Args:
         data: the dataset (anything with ``len``) or the number of samples N.
         policy: ``"uniform"``, ``"scan"``, ``"p-sgd"``, ``"c-sgd"``, ``"tftb"``,
-            ``"infobatch"`` or a :class:`fastsel.policies.Policy`; its parameters go in
+            ``"infobatch"``, ``"rho"`` or a :class:`fastsel.policies.Policy`; its parameters go in
             ``**policy_kwargs``.
         budget: fraction B in (0, 1] of full training's forward/backward passes: exactly
             round(N·B) samples per epoch for ``epochs`` epochs (scan: N per epoch,

@@ -396,3 +396,14 @@ def test_speedup_is_the_median_of_per_seed_ratios_with_its_range():
             for p, b, w in (("full", "1", wf), ("uniform", "0.3", wu))]
     row = next(r for r in aggregate(runs) if r["policy"] == "uniform")
     assert row["speedup"] == 2.5 and row["speedup_range"] == (2.0, 5.0)
+
+
+def test_run_and_compare_take_a_device(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = build_parser().parse_args(["compare", "--device", "cpu"])
+    assert args.device == "cpu"
+    for cmd in ("run", "compare"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--device", "cuda", "--no-progress"])
+        assert e.value.code == 2

@@ -8,10 +8,11 @@ from .active_bias import CSGD, PSGD
 from .base import Policy, Selection, SelectionContext
 from .baseline import Scan, Uniform
 from .infobatch import InfoBatch
+from .rho import RHO
 from .tftb import TFTB
 
 POLICIES: Dict[str, Type[Policy]] = {
-    cls.name: cls for cls in (Uniform, Scan, PSGD, CSGD, TFTB, InfoBatch)
+    cls.name: cls for cls in (Uniform, Scan, PSGD, CSGD, TFTB, InfoBatch, RHO)
 }
 
 
@@ -20,4 +21,4 @@ def make_policy(policy: Union[str, Policy], **kwargs: Any) -> Policy:
     return build(POLICIES, Policy, policy, kwargs)
 
 __all__ = ["POLICIES", "Policy", "Selection", "SelectionContext", "make_policy",
-           "Uniform", "Scan", "PSGD", "CSGD", "TFTB", "InfoBatch"]
+           "Uniform", "Scan", "PSGD", "CSGD", "TFTB", "InfoBatch", "RHO"]
