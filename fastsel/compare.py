@@ -154,9 +154,10 @@ def verdict(rows: Sequence[Dict[str, Any]], runs: Sequence[Dict[str, Any]]) -> s
         one_image = 100.0 / test_size if test_size else 0.0
         seeds = min(r["seeds"] for r in at)
         if seeds < MIN_SEEDS:
-            s = (f"At budget {b}, {best['policy']} has the best mean accuracy ({best['accuracy']:.2f}% vs "
-                 f"uniform {uni['accuracy']:.2f}%), but with {seeds} seed(s) this cannot be judged: the "
-                 f"spread of the per-seed gap needs at least {MIN_SEEDS} seeds (--seeds {MIN_SEEDS}).")
+            vs = "" if best["policy"] == "uniform" else f" vs uniform {uni['accuracy']:.2f}%"
+            s = (f"At budget {b}, {best['policy']} has the best mean accuracy ({best['accuracy']:.2f}%{vs}), "
+                 f"but with {seeds} seed(s) this cannot be judged: the spread of the per-seed gap needs "
+                 f"at least {MIN_SEEDS} seeds (--seeds {MIN_SEEDS}).")
         elif best["policy"] == "uniform":
             s = f"At budget {b}, no policy beats uniform: uniform has the best mean accuracy ({uni['accuracy']:.2f}%)."
         elif n >= 3 and gap > max(2 * se, one_image) + 1e-9:  # a one-image gap ties, not beats
