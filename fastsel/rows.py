@@ -21,7 +21,6 @@ class EpochRows:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self._selection: Optional[torch.Tensor] = None
         self._member: Optional[torch.Tensor] = None
         # [stray rows, the first one's sample, those of them the ops masked and counted]
         self._stray: Optional[torch.Tensor] = None
@@ -29,7 +28,6 @@ class EpochRows:
     def reset(self, selection: Optional[torch.Tensor]) -> None:
         """A new epoch's selection (None: none drawn), or the same on another device; the
         buffers the loss calls read are made here, never inside a (compiled) loss call."""
-        self._selection = selection
         if selection is None:
             self._member = None
             return

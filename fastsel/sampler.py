@@ -208,11 +208,11 @@ class Sampler(torch.utils.data.Sampler[int]):
         spent = self.budget.past_end(self.epoch) or self._time_up()
         if spent and not self._warned_spent:
             self._warned_spent = True
-            warnings.warn(f"fastsel: the budget is spent ({self.summary_budget()}); iterating "
+            warnings.warn(f"fastsel: the budget is spent ({self._budget_text()}); iterating "
                           f"epoch {self.epoch} yields nothing", stacklevel=3)
         return spent
 
-    def summary_budget(self) -> str:
+    def _budget_text(self) -> str:
         b = self.budget
         return f"{b.seconds:g} s" if b.time_mode else f"{b.num_epochs} epochs at budget={b.fraction}"
 

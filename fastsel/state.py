@@ -60,6 +60,15 @@ def require(sd: Any, key: str, where: str = "") -> Any:
     return sd[key]
 
 
+def check_policy_state(sd: Any, field: str, stateless: bool) -> None:
+    """The part of a policy's ``check_state_dict`` every policy shares: a dict, and ``{}``
+    for a policy that keeps no state (one whose class does not override ``state_dict``)."""
+    if not isinstance(sd, dict):
+        raise refuse(field, f"must be a dict, got {type(sd).__name__}")
+    if stateless:
+        check_keys(sd, (), field)
+
+
 def check_keys(sd: Mapping, allowed: Sequence[str], where: str) -> None:
     """Refuse keys a state_dict of this kind never has (a corrupt or foreign dict)."""
     extra = sorted(str(k) for k in sd if k not in allowed)

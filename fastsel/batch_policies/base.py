@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import torch
 
-from ..state import check_keys, refuse
+from ..state import check_policy_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..selective import SelectiveStep
@@ -146,10 +146,7 @@ class BatchPolicy:
     def check_state_dict(self, sd: Any) -> None:
         """Raise a ValueError naming the field unless ``sd`` is a ``state_dict()`` of this
         policy; changes nothing. Subclasses with state extend it."""
-        if not isinstance(sd, dict):
-            raise refuse("policy", f"must be a dict, got {type(sd).__name__}")
-        if type(self).state_dict is BatchPolicy.state_dict:   # a stateless policy saves {}
-            check_keys(sd, (), "policy")
+        check_policy_state(sd, "policy", type(self).state_dict is BatchPolicy.state_dict)
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         """Check ``sd`` first (``check_state_dict``), then restore it."""

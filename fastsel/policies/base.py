@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import rng
-from ..state import SampleState, check_keys, refuse
+from ..state import SampleState, check_policy_state
 
 
 def round_half_up(x: float) -> int:
@@ -107,10 +107,7 @@ class Policy:
     def check_state_dict(self, sd: Any) -> None:
         """Raise a ValueError naming the field unless ``sd`` is a ``state_dict()`` of this
         policy; changes nothing. Subclasses with state extend it."""
-        if not isinstance(sd, dict):
-            raise refuse("policy_state", f"must be a dict, got {type(sd).__name__}")
-        if type(self).state_dict is Policy.state_dict:   # a stateless policy saves {}
-            check_keys(sd, (), "policy_state")
+        check_policy_state(sd, "policy_state", type(self).state_dict is Policy.state_dict)
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         """Check ``sd`` first (``check_state_dict``), then restore it."""
