@@ -40,12 +40,10 @@ class EpochRows:
         elif self._stray.device != selection.device:
             self._stray = self._stray.to(selection.device)
 
-    def admit(self, indices: torch.Tensor, *, epoch: int, drawn: bool, position: int,
-              shard_len: int, strict: bool, to_op: bool = True) -> torch.Tensor:
-        """Refuse rows that cannot count (nothing changes); returns the indices to update
-        with, stray rows masked to ``STRAY_INDEX`` when not strict (``to_op``: the masked
-        indices go to an op, which counts them as out of range)."""
-        b = int(indices.shape[0])
+    @staticmethod
+    def check_room(b: int, *, epoch: int, drawn: bool, position: int, shard_len: int) -> None:
+        """Refuse ``b`` rows when no epoch is in progress or its shard has no room for them:
+        host figures only, so it runs before anything (the state's device included) changes."""
         if not drawn:
             raise ValueError(f"indices: no epoch is in progress (epoch {epoch} has not been "
                              f"iterated), so these {b} rows cannot count towards it: iterate the "
@@ -54,7 +52,13 @@ class EpochRows:
             raise ValueError(f"indices: {b} more rows would take epoch {epoch} to {position + b} "
                              f"of this rank's {shard_len}: its rows have all been trained; {_FIX}, "
                              "or iterate the sampler again to start the next epoch")
-        if b == 0:
+
+    def admit(self, indices: torch.Tensor, *, epoch: int, strict: bool, to_op: bool = True) -> torch.Tensor:
+        """After ``check_room``: refuse rows whose sample the epoch did not select (nothing
+        changes), or, when not strict, return the indices with those rows masked to
+        ``STRAY_INDEX`` (``to_op``: the masked indices go to an op, which counts them as out
+        of range)."""
+        if indices.shape[0] == 0:
             return indices
         in_range = (indices >= 0) & (indices < self.n)
         stray = ~self._member[torch.where(in_range, indices, self.n).long()]  # type: ignore[index]

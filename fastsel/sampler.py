@@ -311,6 +311,8 @@ class Sampler(torch.utils.data.Sampler[int]):
         """
         cfg = self._call_config(reduction)
         check_step_args(logits, target, indices, cfg)
+        if update:
+            self._check_room(int(logits.shape[0]))
         backend = self._follow(logits.device, cfg)
         idx = self._admit(indices, cfg.strict) if update else indices
         out = backend.step(logits, target, idx, self.state, cfg, self.epoch, update)
@@ -332,6 +334,8 @@ class Sampler(torch.utils.data.Sampler[int]):
         """
         check_observe_args(losses, indices, p_true)
         cfg = self._call_config(reduction)
+        if update:
+            self._check_room(int(losses.shape[0]))
         backend = self._follow(losses.device, cfg)
         idx = self._admit(indices, cfg.strict) if update else indices
         out = backend.observe(losses, idx, self.state, cfg, self.epoch, p_true, update)
@@ -348,15 +352,20 @@ class Sampler(torch.utils.data.Sampler[int]):
         if indices.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"indices must be int64 or int32, got {indices.dtype}")
         strict = (indices.device.type == "cpu") if self._strict is None else bool(self._strict)
+        self._check_room(int(indices.shape[0]))
         self._admit(indices, strict, to_op=False)
         self._consumed(int(indices.shape[0]))
 
-    def _admit(self, indices: torch.Tensor, strict: bool, to_op: bool = True) -> torch.Tensor:
-        """The rows that count towards the epoch (fastsel.rows); refuses the others."""
+    def _check_room(self, b: int) -> None:
+        """Refuse ``b`` rows outside an epoch in progress or past its shard (fastsel.rows),
+        before the call moves or writes anything."""
         drawn = self._drawn()
-        return self._rows.admit(indices, epoch=self.epoch, drawn=drawn, position=self.position,
-                                shard_len=len(self._shard_tensor()) if drawn else 0,
-                                strict=strict, to_op=to_op)
+        self._rows.check_room(b, epoch=self.epoch, drawn=drawn, position=self.position,
+                              shard_len=len(self._shard_tensor()) if drawn else 0)
+
+    def _admit(self, indices: torch.Tensor, strict: bool, to_op: bool = True) -> torch.Tensor:
+        """The rows of the epoch's selection (fastsel.rows); refuses or masks the others."""
+        return self._rows.admit(indices, epoch=self.epoch, strict=strict, to_op=to_op)
 
     def _call_config(self, reduction: Optional[str]) -> LossConfig:
         """The loss settings of one call: the sampler's, with ``reduction`` overridden."""

@@ -350,3 +350,21 @@ def test_iterating_an_epoch_builds_no_python_int_per_index_up_front():
         tracemalloc.stop()
     assert head == s.epoch_array()[:10_000].tolist()
     assert peak < 2_000_000   # a list of the epoch's 600 000 ints would take ~22 MB
+
+
+@pytest.mark.parametrize("how", ["loss", "observe"])
+def test_a_call_refused_for_its_rows_does_not_move_the_state_first(how, monkeypatch):
+    """The epoch and shard checks run before the state follows the call's device: on a GPU
+    a refused sanity check would otherwise leave the state moved."""
+    s = fastsel.Sampler(40, budget=0.5, epochs=2, seed=0)
+    moved = []
+    follow = s._follow
+    monkeypatch.setattr(s, "_follow", lambda *a: moved.append(a) or follow(*a))
+    with pytest.raises(ValueError, match="no epoch is in progress"):
+        call(s, torch.arange(4), how=how)
+    assert moved == []
+    train_epoch(s, 5)
+    moved.clear()
+    with pytest.raises(ValueError, match="more rows would take epoch 0"):
+        call(s, torch.arange(4), how=how)
+    assert moved == []
