@@ -9,7 +9,10 @@ Fused step (two launches forward: rows kernel, then merge + update): ``TritonBac
 + backward against plain PyTorch (``F.cross_entropy(reduction="none")`` + the per-sample
 index updates + backward) and against ``F.cross_entropy`` alone, for B in {256, 1024, 4096}
 x C in {10, 100, 1000}: time ratio and achieved GB/s (logits read + gradient written)
-against the measured copy bandwidth; and the merge's worst case, every row one sample.
+against the measured copy bandwidth; the merge's worst case, every row one sample; and the
+step given the epoch's rows (``fused_rows``: the room and membership checks and the row
+counts, inside the same two launches). The epoch is a device tensor, as the sampler
+passes it (an int would cost a host-to-device copy per step).
 Selection (four launches of the radix threshold select + the rank-order sort): ``select``
 for N in {50k, 1.28M, 10M}, k = 0.3 N, against ``torch.topk`` (and the reference's stable
 sort, which has the same tie rule). Targets (never asserted): step ratio <= 0.5 vs plain;
@@ -33,6 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from fastsel.config import LossConfig  # noqa: E402
+from fastsel.rows import EpochRows  # noqa: E402
 from fastsel.state import SampleState  # noqa: E402
 
 STEP_B = (256, 1024, 4096)
@@ -87,10 +91,17 @@ def step_fns(b: int, c: int, n: int = 1_000_000, dtype=torch.float32) -> Dict[st
     seen = torch.zeros(n, dtype=torch.int32, device="cuda")
     last = torch.zeros(n, dtype=torch.int32, device="cuda")
     a = cfg.ema
+    rows = EpochRows(n, "cuda")   # every sample selected, room for any number of steps
+    rows.open(torch.arange(n, device="cuda"), 0, 2**62, 0)
+    epoch = rows.epoch
 
     def fused():
         logits.grad = None
-        tb.step(logits, labels, idx, state, cfg, 0).backward()
+        tb.step(logits, labels, idx, state, cfg, epoch).backward()
+
+    def fused_rows():
+        logits.grad = None
+        tb.step(logits, labels, idx, state, cfg, epoch, rows=rows).backward()
 
     def plain():
         logits.grad = None
@@ -113,10 +124,10 @@ def step_fns(b: int, c: int, n: int = 1_000_000, dtype=torch.float32) -> Dict[st
 
     def fused_one_index():   # the merge's worst case: every row one sample (B atomics)
         logits.grad = None
-        tb.step(logits, labels, one, state, cfg, 0).backward()
+        tb.step(logits, labels, one, state, cfg, epoch).backward()
 
     return {"fused": fused, "plain": plain, "cross_entropy": ce_only,
-            "fused_one_index": fused_one_index}
+            "fused_one_index": fused_one_index, "fused_rows": fused_rows}
 
 
 def select_fns(n: int) -> Dict[str, Callable]:
@@ -144,6 +155,7 @@ def run_all() -> Dict[str, object]:
             gbs = moved / (t["fused"] * 1e-3) / 1e9
             steps.append({"B": b, "C": c, "ms": t, "ratio_vs_plain": t["fused"] / t["plain"],
                           "one_index_vs_fused": t["fused_one_index"] / t["fused"],
+                          "rows_vs_fused": t["fused_rows"] / t["fused"],
                           "ratio_vs_cross_entropy": t["fused"] / t["cross_entropy"],
                           "fused_GBps": gbs, "fraction_of_copy_bw": gbs / bw})
     sel: List[Dict[str, object]] = []
@@ -197,7 +209,8 @@ def _timed(benchmark, fn):
 @gpu_only
 @pytest.mark.parametrize("c", STEP_C)
 @pytest.mark.parametrize("b", STEP_B)
-@pytest.mark.parametrize("impl", ["fused", "plain", "cross_entropy", "fused_one_index"])
+@pytest.mark.parametrize("impl", ["fused", "plain", "cross_entropy", "fused_one_index",
+                                  "fused_rows"])
 def test_step(benchmark, impl, b, c):
     benchmark.group = f"step B={b} C={c}"
     _timed(benchmark, step_fns(b, c)[impl])

@@ -1,6 +1,8 @@
 // Argument checks of the ops, shared by the CPU and CUDA kernels: metadata only (shapes,
 // dtypes, devices), so they cost no device sync; each message names the argument, its value
 // and the fix. The state's tensors are checked in full once (check_state), not per call.
+// Also the errors strict mode raises from inside the ops: the range errors (IndexError) and
+// the refused rows (ValueError: no room, stray rows), in the Python side's words.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -213,6 +215,70 @@ StateView state_view(const at::Tensor& loss, const at::Tensor& loss_var, const a
                    stats.data_ptr<double>(),     errors.data_ptr<int64_t>(),       size - 1};
 }
 
+namespace {
+void check_epoch_tensor(const at::Tensor& epoch, const at::Device& device, const char* where) {
+  TORCH_CHECK(epoch.defined() && epoch.scalar_type() == at::kLong && epoch.dim() == 0, where,
+              ": epoch must be a 0-d int64 tensor (fastsel.rows.EpochRows.epoch, or torch.tensor(epoch)), got ",
+              epoch.defined() ? dtype_name(epoch.scalar_type()) : "undefined", " of shape ",
+              epoch.defined() ? epoch.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(epoch.device() == device, where, ": epoch is on ", epoch.device(), " but the inputs are on ", device,
+              ": create it there (torch.tensor(epoch, device=...)) or move it with .to(", device, ")");
+}
+}  // namespace
+
+RowsView rows_view(const std::optional<at::Tensor>& member, const std::optional<at::Tensor>& rows,
+                   const at::Tensor& epoch, int64_t n, const at::Device& device, const char* where) {
+  TORCH_CHECK(member.has_value() == rows.has_value(), where,
+              ": member and rows are given together (the epoch's rows: fastsel.rows.EpochRows.args()) or both "
+              "None (every row counts); got member ",
+              member.has_value() ? "given" : "None", " and rows ", rows.has_value() ? "given" : "None");
+  check_epoch_tensor(epoch, device, where);
+  if (!member.has_value()) return RowsView{nullptr, nullptr};
+  const at::Tensor& m = *member;
+  const at::Tensor& r = *rows;
+  TORCH_CHECK(m.scalar_type() == at::kByte && m.dim() == 1 && m.size(0) == n + 1 && m.is_contiguous(), where,
+              ": member must be a contiguous uint8 vector of N + 1 = ", n + 1,
+              " entries (the epoch's selection as a mask, as long as the state's buffers), got ",
+              dtype_name(m.scalar_type()), " of shape ", m.sizes(), "; build it with fastsel.rows.EpochRows(N)");
+  TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1 && r.size(0) == layout::ROW_SIZE && r.is_contiguous(),
+              where, ": rows must be a contiguous int64 vector of ", layout::ROW_SIZE,
+              " entries (the slots ROW_* of fastsel/layout.py), got ", dtype_name(r.scalar_type()), " of shape ",
+              r.sizes(), "; build it with fastsel.rows.EpochRows(N)");
+  TORCH_CHECK(m.device() == device && r.device() == device, where, ": member is on ", m.device(), " and rows on ",
+              r.device(), " but the inputs and the state are on ", device, "; move them with EpochRows.to(", device,
+              ")");
+  return RowsView{m.const_data_ptr<uint8_t>(), r.data_ptr<int64_t>()};
+}
+
+int64_t host_epoch(const at::Tensor& epoch, const at::Device& device, const char* where) {
+  check_epoch_tensor(epoch, device, where);
+  TORCH_INTERNAL_ASSERT(device.is_cpu(), where, ": host_epoch reads a CPU tensor");
+  return *epoch.const_data_ptr<int64_t>();
+}
+
+namespace {
+// fastsel/rows.py's FIX: the way out of either refusal.
+constexpr const char* kRowsFix =
+    "pass update=False for a forward whose rows must not count (a sanity check, an evaluation)";
+}  // namespace
+
+void raise_room(int64_t b, int64_t epoch, int64_t trained, int64_t shard) {
+  if (shard < 0) {
+    TORCH_CHECK_VALUE(false, "indices: no epoch is in progress (epoch ", epoch, " has not been iterated), so these ",
+                      b, " rows cannot count towards it: iterate the sampler or its DataLoader first (is this "
+                      "Sampler the DataLoader's sampler? a torch DistributedSampler in its place draws no fastsel "
+                      "epoch: fastsel shards itself), or ", kRowsFix);
+  }
+  TORCH_CHECK_VALUE(false, "indices: ", b, " more rows would take epoch ", epoch, " to ", trained + b,
+                    " of this rank's ", shard, ": its rows have all been trained; ", kRowsFix,
+                    ", or iterate the sampler again to start the next epoch");
+}
+
+void raise_stray(int64_t count, int64_t epoch, int64_t first) {
+  TORCH_CHECK_VALUE(false, "indices: ", count, " row(s) are samples epoch ", epoch, " did not select, e.g. ", first,
+                    " (an evaluation pass? labels passed as indices?); ", kRowsFix);
+}
+
 void raise_range_errors(int64_t bad_index_count, int64_t bad_index_value, int64_t bad_label_count,
                         int64_t bad_label_value, int64_t n, int64_t num_classes) {
   TORCH_CHECK_INDEX(bad_index_count == 0, "indices: ", bad_index_count, " sample index(es) outside [0, ", n,
@@ -221,10 +287,12 @@ void raise_range_errors(int64_t bad_index_count, int64_t bad_index_value, int64_
   if (num_classes >= 0) {
     TORCH_CHECK_INDEX(false, "labels: ", bad_label_count, " label(s) outside [0, ", num_classes,
                       ") and not ignore_index, e.g. ", bad_label_value,
-                      "; those rows were left out of the per-sample state");
+                      "; those rows were left out of the per-sample state; if ", bad_label_value,
+                      " marks elements to ignore, pass fastsel.Sampler(..., ignore_index=", bad_label_value, ")");
   }
   TORCH_CHECK_INDEX(false, "labels: ", bad_label_count, " label(s) outside [0, C) and not ignore_index, e.g. ",
-                    bad_label_value, "; those rows were left out of the per-sample state");
+                    bad_label_value, "; those rows were left out of the per-sample state; if ", bad_label_value,
+                    " marks elements to ignore, pass fastsel.Sampler(..., ignore_index=", bad_label_value, ")");
 }
 
 void record_range_errors(const StateView& s, int64_t bad_index_count, int64_t bad_index_value,

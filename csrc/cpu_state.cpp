@@ -1,5 +1,6 @@
 // The per-sample state update on the CPU (one definition, used by the fused step and by
-// observe) and fastsel::observe_csrc: per-sample losses of any loss into the state.
+// observe), which rows of a call count (CpuRows, also both ops') and fastsel::observe_csrc:
+// per-sample losses of any loss into the state.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -87,6 +88,38 @@ void fold_observations(const StateView& s, std::vector<RowObs>& obs, int64_t non
   s.stats[layout::STAT_EPOCH_COUNT] += static_cast<double>(epoch_count);
 }
 
+CpuRows::CpuRows(const RowsView& v, int64_t b, int64_t epoch, bool strict, bool update)
+    : b_(b), epoch_(epoch), strict_(strict) {
+  if (!update || v.rows == nullptr) return;
+  rows_ = v.rows;
+  const int64_t trained = rows_[layout::ROW_TRAINED], shard = rows_[layout::ROW_SHARD];
+  over_ = shard < 0 || trained + b > shard;
+  if (over_ && strict) raise_room(b, epoch, trained, shard);
+  if (!over_) member_ = v.member;
+}
+
+void CpuRows::check() const {
+  if (strict_ && n_stray_ > 0) raise_stray(n_stray_, epoch_, first_stray_);
+}
+
+void CpuRows::commit() const {
+  if (rows_ == nullptr) return;
+  int64_t* c = rows_;
+  if (over_) {
+    if (c[layout::ROW_OVER_COUNT] == 0 && b_ > 0) {
+      const int64_t shard = c[layout::ROW_SHARD];
+      c[layout::ROW_OVER_VALUE] = shard < 0 ? -1 : c[layout::ROW_TRAINED] + b_;
+      c[layout::ROW_OVER_EPOCH] = epoch_;
+    }
+    c[layout::ROW_OVER_COUNT] += b_;
+    return;
+  }
+  if (c[layout::ROW_STRAY_COUNT] == 0 && n_stray_ > 0) c[layout::ROW_STRAY_VALUE] = first_stray_;
+  c[layout::ROW_STRAY_COUNT] += n_stray_;
+  c[layout::ROW_TRAINED] += b_;
+  c[layout::ROW_CALLS] += 1;
+}
+
 namespace {
 
 // A floating vector (any dtype) as float32; with sat, a finite float64 value beyond
@@ -110,31 +143,39 @@ std::tuple<at::Tensor, at::Tensor> observe_cpu(
     const at::Tensor& losses, const std::optional<at::Tensor>& probs, const at::Tensor& indices,
     at::Tensor& state_loss, at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen,
     at::Tensor& state_last_epoch, const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors,
-    double ema, int64_t reduction, bool strict, int64_t epoch, bool update) {
+    const std::optional<at::Tensor>& member, const std::optional<at::Tensor>& rows, const at::Tensor& epoch_t,
+    double ema, int64_t reduction, bool strict, bool update) {
   const char* where = "fastsel::observe_csrc";
+  const int64_t epoch = host_epoch(epoch_t, losses.device(), where);
   const int64_t b = check_observe_args(losses, probs, indices, ema, reduction, epoch, c10::DeviceType::CPU, where);
   const StateView s = state_view(state_loss, state_loss_var, state_p_true, state_seen, state_last_epoch,
                                  state_weight, stats, errors, losses.device(), where);
   const int64_t n = s.n;
+  const RowsView rv = rows_view(member, rows, epoch_t, n, losses.device(), where);
   const bool i64 = indices.scalar_type() == at::kLong;
   const int64_t* i64p = i64 ? indices.data_ptr<int64_t>() : nullptr;
   const int32_t* i32p = i64 ? nullptr : indices.data_ptr<int32_t>();
 
-  // Masks and range errors, before anything is written.
+  // Which rows count (room, membership), masks and range errors, before anything is written.
+  CpuRows admit(rv, b, epoch, strict, update);  // strict: raises for room here
+  const bool over = admit.over();
   std::vector<int64_t> idx(b);
   int64_t bad = 0, first_bad = 0, n_active = 0;
   for (int64_t r = 0; r < b; ++r) {
     const int64_t i = i64 ? i64p[r] : static_cast<int64_t>(i32p[r]);
-    const bool ok = i >= 0 && i < n;
-    if (!ok && bad++ == 0) first_bad = i;
+    const bool in_range = i >= 0 && i < n;
+    if (!in_range && !over && bad++ == 0) first_bad = i;
+    const bool ok = in_range && !over && !admit.stray(i);
     n_active += ok;
     idx[r] = ok ? i : n;
   }
+  admit.check();  // strict: the stray rows, before the range errors
   if (strict) {
     raise_range_errors(bad, first_bad, 0, 0, n, -1);
   } else {
     record_range_errors(s, bad, first_bad, 0, 0);
   }
+  admit.commit();
 
   const std::vector<float> l = as_float(losses, false);
   // row_scale = policy weight (/ active rows for "mean"); masked rows count 0, even a NaN loss.

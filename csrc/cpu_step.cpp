@@ -535,20 +535,27 @@ constexpr int64_t kGrainElements = int64_t(1) << 17;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cpu(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& indices, at::Tensor& state_loss,
     at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen, at::Tensor& state_last_epoch,
-    const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors,
+    const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors, const std::optional<at::Tensor>& member,
+    const std::optional<at::Tensor>& row_counts, const at::Tensor& epoch_t,
     const std::optional<at::Tensor>& class_weight, int64_t ignore_index, double label_smoothing, double ema,
-    int64_t reduction, bool strict, int64_t epoch, bool update, bool need_grad) {
+    int64_t reduction, bool strict, bool update, bool need_grad) {
   const char* where = "fastsel::ce_step_csrc";
+  const int64_t epoch = host_epoch(epoch_t, logits.device(), where);
   const StepDims dims = check_step_args(logits, target, indices, class_weight, label_smoothing, ema, reduction,
                                         epoch, c10::DeviceType::CPU, where);
   const StateView st = state_view(state_loss, state_loss_var, state_p_true, state_seen, state_last_epoch,
                                   state_weight, stats, errors, logits.device(), where);
   const int64_t n = st.n, b = dims.b, c = dims.c, d = dims.d;
+  const RowsView rv = rows_view(member, row_counts, epoch_t, n, logits.device(), where);  // the schema's `rows`
   const bool soft = dims.soft;
   const float* w = class_weight.has_value() ? class_weight->const_data_ptr<float>() : nullptr;
 
-  // Phase 0: masks, range errors and the mean's denominator, from the indices and labels
-  // alone (before any logit is read, so the gradient is written already scaled).
+  // Phase 0: which rows count (room, membership), masks, range errors and the mean's
+  // denominator, from the indices and labels alone (before any logit is read, so the
+  // gradient is written already scaled). A row left out (a call without room, a stray row, a
+  // bad index) targets the scratch slot n: no loss, gradient, denominator or observation.
+  CpuRows admit(rv, b, epoch, strict, update);  // strict: raises for room here
+  const bool over = admit.over();
   const IntReader idx_in(indices);
   std::vector<int64_t> idx(b);
   std::vector<float> pw(b);
@@ -556,8 +563,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cpu(
   double denom = 0.0;
   for (int64_t r = 0; r < b; ++r) {
     const int64_t i = idx_in[r];
-    const bool ok = i >= 0 && i < n;
-    if (!ok && n_bad_index++ == 0) first_bad_index = i;
+    const bool in_range = i >= 0 && i < n;
+    if (!in_range && !over && n_bad_index++ == 0) first_bad_index = i;
+    const bool ok = in_range && !over && !admit.stray(i);
     idx[r] = ok ? i : n;
     prefetch_sample(idx[r], st.weight, st.loss, st.loss_var, st.p_true, st.seen, st.last_epoch);
   }
@@ -579,7 +587,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cpu(
           bad += counted && !range;
           if (w && counted && range) part[q & 3] += w[y];
         }
-        if (bad) {
+        if (bad && !over) {  // a call without room records no range error
           for (int64_t q = 0; q < d; ++q) {
             const int64_t y = yr[q];
             if (y != ignore_index && (y < 0 || y >= c) && n_bad_label++ == 0) first_bad_label = y;
@@ -594,11 +602,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cpu(
       scan(target.const_data_ptr<int32_t>());
     }
   }
+  admit.check();  // strict: the stray rows, before the range errors (nothing written yet)
   if (strict) {
     raise_range_errors(n_bad_index, first_bad_index, n_bad_label, first_bad_label, n, c);  // nothing written yet
   } else {
     record_range_errors(st, n_bad_index, first_bad_index, n_bad_label, first_bad_label);
   }
+  admit.commit();
   for (int64_t r = 0; r < b; ++r) pw[r] = st.weight[idx[r]];
 
   Params k;

@@ -3,18 +3,31 @@
 // the state's tensors are checked in full once, by fastsel._C.check_state, not per call),
 // makes the inputs' device current, takes that device's current stream, allocates its outputs
 // through ATen (the caching allocator) and calls a launcher of step_kernels.cu /
-// select_kernels.cu. No Python runs per call and, except strict mode's range check, nothing
+// select_kernels.cu. No Python runs per call and, except strict mode's checks, nothing
 // waits for the device. Compiled only in a CUDA build (setup.py).
 //
+// Which rows count (fastsel/ops.py): the step's two launches themselves read the epoch's row
+// counters (`rows`), the selection mask (`member`) and the epoch (a 0-d tensor) from device
+// memory, leave out a call without room and the stray rows, and count them in `rows`; no
+// extra launch and no host read. Strict mode reads one small block back (one sync, the same
+// one as its range check) and raises, in this order, the room error, the stray rows, the
+// range errors; the kernels then wrote nothing.
+//
 // The step's scratch (a per-sample int32 slot array, per-row group sums, counters) is cached
-// per device and allocated zeroed once: the kernels leave it zero after every step, so a
-// step launches no fill. A step with strict=False allocates nothing but its outputs and syncs
+// per device and allocated zeroed once. Invariant: `ctl`, `slot` and `group` hold zeros
+// between steps (every step leaves them as it found them: launch 1's last block resets its
+// counters, launch 2's last block the ones it was handed, each owner row its slot and group
+// entry; with update=False nothing but launch 1's own counters is used), so a step launches
+// no fill; `rows` (per-row records) is written before it is read and needs no value. Only a
+// failed launch breaks the invariant: the scratch is then marked dirty and zeroed (eagerly)
+// before the next step. A step with strict=False allocates nothing but its outputs and syncs
 // nothing, so it can be captured in a CUDA graph once an eager call (the warm-up
-// torch.cuda.graphs asks for) has sized the scratch; the epoch is then the one of the captured
-// call (a scalar argument of the op). Buffers outgrown by a larger batch or N are kept alive
-// (a captured graph may still point at them). Eager steps on another stream than the
-// previous one first wait for that stream (an event), so two streams never share the scratch
-// at once; a graph replay is ordered only on its own stream, as any graph.
+// torch.cuda.graphs asks for) has sized the scratch; a replay reads the epoch, the mask and
+// the counters in place, so one graph serves every epoch (EpochRows changes them in place).
+// Buffers outgrown by a larger batch or N are kept alive (a captured graph may still point at
+// them). Eager steps on another stream than the previous one first wait for that stream (an
+// event), so two streams never share the scratch at once; a graph replay is ordered only on
+// its own stream, as any graph.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -27,6 +40,7 @@
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cuda_launch.h"
@@ -84,12 +98,13 @@ void fit(at::Tensor& buf, int64_t bytes, bool zeroed, bool grow, const at::Devic
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cuda(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& indices, at::Tensor& state_loss,
     at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen, at::Tensor& state_last_epoch,
-    const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors,
-    const std::optional<at::Tensor>& class_weight, int64_t ignore_index, double label_smoothing, double ema,
-    int64_t reduction, bool strict, int64_t epoch, bool update, bool need_grad) {
+    const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors, const std::optional<at::Tensor>& member,
+    const std::optional<at::Tensor>& rows, const at::Tensor& epoch, const std::optional<at::Tensor>& class_weight,
+    int64_t ignore_index, double label_smoothing, double ema, int64_t reduction, bool strict, bool update,
+    bool need_grad) {
   const char* where = "fastsel::ce_step_csrc (CUDA)";
   const StepDims dims = check_step_args(logits, target, indices, class_weight, label_smoothing, ema, reduction,
-                                        epoch, c10::DeviceType::CUDA, where);
+                                        /*epoch: read on the device=*/0, c10::DeviceType::CUDA, where);
   TORCH_CHECK(!dims.soft && logits.dim() == 2, where,
               ": the CUDA kernel takes class-index targets with 2-D logits [batch, classes]; got logits of shape ",
               logits.sizes(), " and a ", dims.soft ? "class-probability" : "class-index", " target of shape ",
@@ -101,6 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cuda(
   TORCH_CHECK(n < (int64_t(1) << 32), where, ": the CUDA step takes at most 2**32 - 1 samples, got N = ", n);
   TORCH_CHECK(b < (int64_t(1) << 31), where, ": the CUDA step takes at most 2**31 - 1 rows, got ", b);
   const at::Device dev = logits.device();
+  const RowsView rv = rows_view(member, rows, epoch, n, dev, where);  // metadata only: no sync
   const c10::cuda::CUDAGuard guard(dev);
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(dev.index());
 
@@ -110,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cuda(
   at::Tensor grad_scale = at::empty({}, f32);
   at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   at::Tensor strict_errors;  // the kernel writes every slot
-  if (strict) strict_errors = at::empty({layout::ERR_SIZE}, f32.dtype(at::kLong));
+  if (strict) strict_errors = at::empty({cuda::kStrictSize}, f32.dtype(at::kLong));
 
   cuda::StepArgs a{};
   a.logits = logits.data_ptr();
@@ -128,7 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cuda(
   a.reduction = static_cast<int>(reduction);
   a.strict = strict;
   a.update = update;
-  a.epoch = static_cast<int32_t>(epoch);
+  a.member = rv.member;
+  a.row_counts = rv.rows;
+  a.epoch = epoch.const_data_ptr<int64_t>();
   a.loss = st.loss;
   a.loss_var = st.loss_var;
   a.p_true = st.p_true;
@@ -183,14 +201,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cuda(
     check_ok(err, where);
   }
   if (strict) {
-    // Strict mode checks at once: one sync, as the reference's. The kernels wrote nothing.
+    // Strict mode checks at once: one sync, as the reference's; with an error the kernels
+    // wrote nothing. The reference's order: room, stray rows, ranges.
     const at::Tensor e = strict_errors.cpu();
     const int64_t* ev = e.const_data_ptr<int64_t>();
+    if (ev[cuda::S_OVER] != 0) raise_room(b, ev[cuda::S_EPOCH], ev[cuda::S_TRAINED], ev[cuda::S_SHARD]);
+    if (ev[cuda::S_STRAY_COUNT] != 0) raise_stray(ev[cuda::S_STRAY_COUNT], ev[cuda::S_EPOCH], ev[cuda::S_STRAY_FIRST]);
     raise_range_errors(ev[layout::ERR_INDEX_COUNT], ev[layout::ERR_INDEX_VALUE], ev[layout::ERR_LABEL_COUNT],
                        ev[layout::ERR_LABEL_VALUE], n, c);
   }
   return {out, grad, grad_scale};
 }
+
+// The dispatcher compares the kernels' C++ signatures (ops.h).
+static_assert(std::is_same_v<decltype(ce_step_cuda), CeStepFn>, "ce_step_cuda must take ce_step_cpu's types");
 
 at::Tensor select_cuda(const at::Tensor& keys, int64_t k) {
   const char* where = "fastsel::select_csrc (CUDA)";

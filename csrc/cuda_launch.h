@@ -24,8 +24,13 @@ struct StepArgs {
   float eps, one_minus_eps, ema, one_minus_ema;
   int reduction;           // fastsel::layout::REDUCTION_*
   bool strict;
-  bool update;             // false: no state or stats write (errors are still recorded)
-  int32_t epoch;
+  bool update;             // false: no state, stats or row-counter write (errors are still recorded)
+  // which rows count (fastsel/ops.py "Which rows count"; read only with update): both nullptr,
+  // or both given
+  const uint8_t* member;   // [n + 1]: 0 = a sample the epoch did not select (a stray row)
+  int64_t* row_counts;     // [layout::ROW_SIZE]: the epoch's row counters (ROW_*)
+  const int64_t* epoch;    // 0-d, on the device: last_epoch's value, ROW_OVER_EPOCH's (a captured
+                           // graph reads the epoch in progress at each replay)
   // per-sample state, n + 1 entries each
   float* loss;
   float* loss_var;
@@ -40,7 +45,21 @@ struct StepArgs {
   float* per_row;          // [b] or nullptr: the reduction "none" output
   float* out;              // [1] or nullptr: the scalar of "mean" / "sum"
   float* grad_scale;       // [1]: what backward multiplies grad by: 1 / divisor for "mean", else 1
-  int64_t* strict_errors;  // [layout::ERR_SIZE] or nullptr (needed in strict mode): counts and first values
+  int64_t* strict_errors;  // [kStrictSize] or nullptr (needed in strict mode): what the host raises (below)
+};
+
+// strict_errors (strict mode's one device-to-host copy): the error counters' slots
+// (layout::ERR_*: counts and first values of the range errors), then the room and membership
+// checks' figures. The host raises, in this order: the room error (S_OVER != 0), the stray
+// rows (S_STRAY_COUNT != 0), the range errors; with any of them the step wrote nothing.
+enum StrictSlot : int {
+  S_OVER = 4,         // 1: the call was refused for room (no epoch, or past the shard)
+  S_TRAINED = 5,      // rows[ROW_TRAINED] as the step read it
+  S_SHARD = 6,        // rows[ROW_SHARD]
+  S_STRAY_COUNT = 7,  // stray rows (in range, member[index] == 0)
+  S_STRAY_FIRST = 8,  // the first one's sample, in row order
+  S_EPOCH = 9,        // *epoch
+  kStrictSize = 10
 };
 
 // The step's scratch. `ctl`, `slot` and `group` must hold zeros when a step starts; the step

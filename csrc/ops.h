@@ -1,6 +1,8 @@
 // Declarations shared by the C++ and CUDA kernels of fastsel._C: the ops of fastsel/ops.py's
-// schemas (registered with TORCH_LIBRARY_IMPL in bindings.cpp and cuda_glue.cpp), their
-// argument checks, the state's buffers as raw pointers, and the per-sample state update.
+// schemas (registered with TORCH_LIBRARY_IMPL in bindings.cpp and cuda_glue.cpp, their
+// autograd in autograd.cpp), their argument checks and strict-mode errors, the state's
+// buffers and the epoch's rows as raw pointers, which rows count on the CPU, and the
+// per-sample state update.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -14,6 +16,11 @@
 namespace fastsel {
 
 // ---- the ops (C++ signatures of fastsel.ops.SCHEMAS) -------------------------------------------
+// The dispatcher compares the C++ signatures of an op's kernels (a mismatch fails when the
+// extension loads), so the CUDA kernels (cuda_glue.cpp) and the autograd kernels
+// (autograd.cpp) take exactly these types: the state buffers written as `at::Tensor&`,
+// `member`, `rows` and `class_weight` as `const std::optional<at::Tensor>&`, `epoch` (a 0-d
+// int64 tensor) as `const at::Tensor&`.
 
 // fastsel::ce_step_csrc on the CPU: every F.cross_entropy target (class indices [B] or
 // [B, d1..dk], class probabilities of the logits' shape). Returns (out, grad, grad_scale):
@@ -22,9 +29,11 @@ namespace fastsel {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cpu(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& indices, at::Tensor& state_loss,
     at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen, at::Tensor& state_last_epoch,
-    const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors,
-    const std::optional<at::Tensor>& class_weight, int64_t ignore_index, double label_smoothing, double ema,
-    int64_t reduction, bool strict, int64_t epoch, bool update, bool need_grad);
+    const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors, const std::optional<at::Tensor>& member,
+    const std::optional<at::Tensor>& rows, const at::Tensor& epoch, const std::optional<at::Tensor>& class_weight,
+    int64_t ignore_index, double label_smoothing, double ema, int64_t reduction, bool strict, bool update,
+    bool need_grad);
+using CeStepFn = decltype(ce_step_cpu);
 
 // fastsel::observe_csrc on the CPU: per-sample losses of any loss into the state. Returns
 // (out, row_scale): the policy-weighted reduction and d(out)/d(losses) per row.
@@ -32,7 +41,9 @@ std::tuple<at::Tensor, at::Tensor> observe_cpu(
     const at::Tensor& losses, const std::optional<at::Tensor>& probs, const at::Tensor& indices,
     at::Tensor& state_loss, at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen,
     at::Tensor& state_last_epoch, const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors,
-    double ema, int64_t reduction, bool strict, int64_t epoch, bool update);
+    const std::optional<at::Tensor>& member, const std::optional<at::Tensor>& rows, const at::Tensor& epoch,
+    double ema, int64_t reduction, bool strict, bool update);
+using ObserveFn = decltype(observe_cpu);
 
 // fastsel::select_csrc, uniform_csrc, shuffle_csrc on the CPU (cpu_select.cpp).
 at::Tensor cpu_select(const at::Tensor& keys, int64_t k);
@@ -49,7 +60,9 @@ struct StepDims {
 };
 
 // Per-call checks of the step's arguments (metadata only: no value is read). `device_type`
-// is where the kernel runs; `where` names the op in the messages.
+// is where the kernel runs; `where` names the op in the messages. `epoch`: the epoch's value
+// where the host holds it (the CPU kernels read their 0-d epoch tensor, host_epoch), checked
+// to fit last_epoch's int32; a kernel that reads the epoch on its device passes 0.
 StepDims check_step_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& indices,
                          const std::optional<at::Tensor>& class_weight, double label_smoothing, double ema,
                          int64_t reduction, int64_t epoch, c10::DeviceType device_type, const char* where);
@@ -87,6 +100,32 @@ StateView state_view(const at::Tensor& loss, const at::Tensor& loss_var, const a
                      const at::Tensor& stats, const at::Tensor& errors, const at::Device& device,
                      const char* where);
 
+// The epoch's rows an op takes (fastsel/ops.py "Which rows count"): the selection mask
+// `member` (uint8 [n + 1]) and the counters `rows` (int64 [layout::ROW_SIZE], slots ROW_*),
+// both null when the op was given None for both (every row counts, nothing is counted).
+struct RowsView {
+  const uint8_t* member;
+  int64_t* rows;
+};
+
+// Checks the metadata of `member`, `rows` and `epoch` (no value is read: no sync on a device):
+// member and rows given together, each contiguous, of its dtype and size, and epoch a 0-d
+// int64 tensor, all on `device` (the inputs' and the state's); returns their data pointers.
+RowsView rows_view(const std::optional<at::Tensor>& member, const std::optional<at::Tensor>& rows,
+                   const at::Tensor& epoch, int64_t n, const at::Device& device, const char* where);
+
+// The value of a CPU op's epoch, read on the host once its metadata is checked as rows_view
+// does (a 0-d int64 tensor on `device`, the inputs' device: the CPU).
+int64_t host_epoch(const at::Tensor& epoch, const at::Device& device, const char* where);
+
+// Strict mode's ValueErrors of "Which rows count", in fastsel/rows.py's words (a test
+// compares them with the reference ops'): no room for b more rows (shard < 0: no epoch in
+// progress; else trained + b would pass the shard) = rows.room_message(b, epoch, trained,
+// shard); `count` rows whose sample the epoch did not select, `first` the first one's sample
+// in row order = rows.stray_message(count, epoch, first).
+void raise_room(int64_t b, int64_t epoch, int64_t trained, int64_t shard);
+void raise_stray(int64_t count, int64_t epoch, int64_t first);
+
 // Strict mode: raises IndexError with fastsel.checks.raise_for_errors's message when a
 // count is non-zero (indices first). num_classes < 0: observe, which takes no labels.
 void raise_range_errors(int64_t bad_index_count, int64_t bad_index_value, int64_t bad_label_count,
@@ -95,6 +134,35 @@ void raise_range_errors(int64_t bad_index_count, int64_t bad_index_value, int64_
 // Non-strict mode: adds the counts to state.errors and keeps the first offending values.
 void record_range_errors(const StateView& s, int64_t bad_index_count, int64_t bad_index_value,
                          int64_t bad_label_count, int64_t bad_label_value);
+
+// ---- which rows count, on the CPU (cpu_state.cpp) -------------------------------------------------
+
+// One call's rows on the CPU, from host values (reference.py's admit_rows and commit_rows):
+// the constructor does the room check (strict: raise_room, before anything is written); per
+// row in [0, n) of a call with room, stray(i) says whether the epoch did not select sample i
+// (and counts it); check() raises strict mode's stray error; commit() counts the call in
+// `rows` once every check has passed (so after the range errors). Inert (every row counts,
+// nothing is checked or counted) without rows or with update=false.
+class CpuRows {
+ public:
+  CpuRows(const RowsView& v, int64_t b, int64_t epoch, bool strict, bool update);
+  // The whole call is refused for room: every row left out, its range errors not recorded.
+  bool over() const { return over_; }
+  bool stray(int64_t i) {
+    if (member_ == nullptr || member_[i] != 0) return false;
+    if (n_stray_++ == 0) first_stray_ = i;
+    return true;
+  }
+  void check() const;
+  void commit() const;
+
+ private:
+  const uint8_t* member_ = nullptr;  // null: no membership check (inert, or over)
+  int64_t* rows_ = nullptr;          // null: inert
+  int64_t b_, epoch_;
+  bool strict_, over_ = false;
+  int64_t n_stray_ = 0, first_stray_ = 0;
+};
 
 // ---- the per-sample state update (cpu_state.cpp) ------------------------------------------------
 

@@ -5,18 +5,28 @@
 //    rows are streamed) by a group of TPR lanes (TPR = 4..32 by C): cross-entropy, p_true,
 //    the gradient w.r.t. the logits (unscaled: "mean" divides by grad_scale = 1 / divisor,
 //    which backward applies), per-block partial sums of the loss and the divisor, range-error
-//    counters (integer atomics). With update, each observed row (active, finite loss and
+//    counters (integer atomics). With update and the epoch's rows given (member, row_counts),
+//    the room and membership checks of fastsel/ops.py ("Which rows count") are made here too:
+//    every thread reads row_counts[ROW_TRAINED] / [ROW_SHARD] (the same values in every block:
+//    only launch 2 writes them), a call without room leaves all its rows out (and its range
+//    errors unrecorded), a row whose in-range sample has member[index] == 0 is stray and left
+//    out (counted, the first one by atomicMax(~row): the lowest row); a row left out adds
+//    nothing to the loss, the divisor, the gradient or the state ("mean" with no row active:
+//    grad_scale 0, a zero gradient). With update, each observed row (active, finite loss and
 //    p_true) claims its sample with one atomicCAS on a per-sample int32 `slot` (0 = free):
 //    the first row to arrive owns the sample; every other row of that sample adds its loss,
 //    p_true and 1 into its owner's `group` entry (float64 and integer atomics). Rows of one
 //    sample inside one warp are combined first (in row order), so a batch whose rows all
 //    carry one index costs one atomic per warp, not per row. The last block (an atomic
 //    ticket) sums the per-block partials in block order and writes the output, grad_scale,
-//    the error counters or strict mode's counts, and resets its counters.
+//    the error counters or strict mode's figures (StrictSlot), and resets its counters (those
+//    launch 2 still needs, the room and stray results, it leaves to launch 2).
 // 2. merge_kernel (update only): one thread per row; each owner folds its sample's one
 //    observation (the float64 sum of its rows over their count: own value + group sums) into
-//    the state, and clears its slot and group entry; the last block adds the epoch sums.
-//    Strict mode with a bad row (found by launch 1): the owners only clear, nothing is written.
+//    the state (last_epoch = *epoch, read from device memory), and clears its slot and group
+//    entry; the last block adds the epoch sums and writes the row counters (ROW_*: a refused
+//    call's, or the stray rows and an admitted call's B and 1). Strict mode with a bad row, a
+//    stray row or no room (found by launch 1): the owners only clear, nothing is written.
 //
 // Work is O(B * C) in launch 1 and O(B) in launch 2 whatever the duplicates. Every partial
 // sum has a fixed order; a sample's rows are summed by float64 atomics, which is exact (and
@@ -47,7 +57,8 @@ constexpr int kThreads = 256;      // threads per block of both launches
 constexpr int kMaxBlocks = FASTSEL_STEP_MAX_BLOCKS;  // grid cap of both launches (grid-stride beyond): bounds the partials
 constexpr uint32_t kFull = 0xffffffffu;
 constexpr uint32_t kNone = 0xffffffffu;  // no sample (indices are < n <= 2**32 - 1, so never this)
-constexpr uint32_t I_BAD_INDEX = 1, I_BAD_LABEL = 2, I_NONFINITE = 4;
+constexpr uint32_t I_BAD_INDEX = 1, I_BAD_LABEL = 2, I_NONFINITE = 4, I_STRAY = 8, I_ACTIVE = 16;
+static_assert(ERR_SIZE == S_OVER, "strict_errors: the ERR_* slots come first (cuda_launch.h)");
 
 // What launch 2 needs of a row: its observation and, for an owner, its sample.
 struct RowInfo {
@@ -66,12 +77,16 @@ struct Group {
 };
 
 // Counters (zero between steps) and per-block partials (written before they are read).
+// Launch 1's last block resets its own counters; refuse, over, first_stray and n_stray carry
+// launch 1's results to launch 2 (update only), whose last block resets them.
 struct Ctl {
   unsigned int ticket_rows, ticket_merge;
   unsigned int refuse;                            // strict mode refused the batch: launch 2 only clears
   unsigned int first_bad_index, first_bad_label;  // 0, or ~row of the first bad row (atomicMax)
+  unsigned int first_stray;                       // 0, or ~row of the first stray row
+  unsigned int over;                              // 1: the call had no room (all rows left out)
   unsigned int unused;
-  unsigned long long n_bad_index, n_bad_label, n_nonfinite;
+  unsigned long long n_bad_index, n_bad_label, n_nonfinite, n_stray, n_active;
   double part_out[kMaxBlocks];
   double part_den[kMaxBlocks];
   double part_loss[kMaxBlocks];
@@ -118,6 +133,23 @@ __device__ __forceinline__ int64_t load_int(const void* p, bool is64, int64_t r)
   return is64 ? static_cast<const int64_t*>(p)[r] : static_cast<int64_t>(static_cast<const int32_t*>(p)[r]);
 }
 
+// The room check (fastsel/ops.py, "Which rows count" 1): counted only with update and the
+// epoch's rows given; over: no epoch in progress (shard < 0) or no room for the call's b rows.
+// Every block reads the same values: only launch 2's last block writes row_counts.
+struct Room {
+  bool counted, over;
+  int64_t trained, shard;
+};
+__device__ __forceinline__ Room read_room(const StepArgs& a) {
+  Room r{a.update && a.row_counts != nullptr, false, 0, 0};
+  if (r.counted) {
+    r.trained = a.row_counts[ROW_TRAINED];
+    r.shard = a.row_counts[ROW_SHARD];
+    r.over = r.shard < 0 || r.trained + a.b > r.shard;
+  }
+  return r;
+}
+
 // Launch 1's last block: the totals, in block order, and the counters (then reset).
 __device__ void finish_rows(const StepArgs& a, Ctl* ctl, double* s_red) {
   const int tid = threadIdx.x;
@@ -130,16 +162,27 @@ __device__ void finish_rows(const StepArgs& a, Ctl* ctl, double* s_red) {
   den = block_sum(den, s_red);
   if (tid != 0) return;
   const unsigned long long nbi = __ldcg(&ctl->n_bad_index), nbl = __ldcg(&ctl->n_bad_label);
-  const unsigned long long nnf = __ldcg(&ctl->n_nonfinite);
+  const unsigned long long nnf = __ldcg(&ctl->n_nonfinite), nst = __ldcg(&ctl->n_stray);
+  const unsigned long long nact = __ldcg(&ctl->n_active);
   const unsigned int fbi = __ldcg(&ctl->first_bad_index), fbl = __ldcg(&ctl->first_bad_label);
   const int64_t vi = nbi ? load_int(a.indices, a.indices64, static_cast<int64_t>(~fbi)) : 0;
   const int64_t vl = nbl ? load_int(a.labels, a.labels64, static_cast<int64_t>(~fbl)) : 0;
-  const bool refuse = a.strict && (nbi + nbl) > 0;
+  const Room room = read_room(a);
+  const bool refuse = a.strict && (room.over || nst > 0 || (nbi + nbl) > 0);
   if (a.strict_errors != nullptr) {
-    a.strict_errors[ERR_INDEX_COUNT] = a.strict ? static_cast<int64_t>(nbi) : 0;
-    a.strict_errors[ERR_INDEX_VALUE] = a.strict ? vi : 0;
-    a.strict_errors[ERR_LABEL_COUNT] = a.strict ? static_cast<int64_t>(nbl) : 0;
-    a.strict_errors[ERR_LABEL_VALUE] = a.strict ? vl : 0;
+    const bool s = a.strict;
+    int64_t* se = a.strict_errors;
+    se[ERR_INDEX_COUNT] = s ? static_cast<int64_t>(nbi) : 0;
+    se[ERR_INDEX_VALUE] = s ? vi : 0;
+    se[ERR_LABEL_COUNT] = s ? static_cast<int64_t>(nbl) : 0;
+    se[ERR_LABEL_VALUE] = s ? vl : 0;
+    se[S_OVER] = (s && room.over) ? 1 : 0;
+    se[S_TRAINED] = s ? room.trained : 0;
+    se[S_SHARD] = s ? room.shard : 0;
+    se[S_STRAY_COUNT] = s ? static_cast<int64_t>(nst) : 0;
+    const unsigned int fst = __ldcg(&ctl->first_stray);
+    se[S_STRAY_FIRST] = (s && nst) ? load_int(a.indices, a.indices64, static_cast<int64_t>(~fst)) : 0;
+    se[S_EPOCH] = s ? *a.epoch : 0;
   }
   if (!a.strict) {
     if (a.errors[ERR_INDEX_COUNT] == 0 && nbi > 0) a.errors[ERR_INDEX_VALUE] = vi;
@@ -150,14 +193,22 @@ __device__ void finish_rows(const StepArgs& a, Ctl* ctl, double* s_red) {
   const float df = static_cast<float>(den), tf = static_cast<float>(tot);
   const bool mean = a.reduction == REDUCTION_MEAN;
   if (a.out != nullptr) a.out[0] = mean ? tf / df : tf;
-  a.grad_scale[0] = mean ? 1.0f / df : 1.0f;
+  // No active row: backward's factor is 0, not 1 / 0 (the reference's all-masked mean has a
+  // zero gradient; with rows active and a zero divisor, inf, as the reference's).
+  a.grad_scale[0] = mean ? (nact ? 1.0f / df : 0.0f) : 1.0f;
   if (!refuse && a.update) a.stats[STAT_NONFINITE] += static_cast<double>(nnf);
   ctl->refuse = (refuse && a.update) ? 1u : 0u;
+  ctl->over = (room.over && a.update) ? 1u : 0u;
   ctl->n_bad_index = 0;
   ctl->n_bad_label = 0;
   ctl->n_nonfinite = 0;
+  ctl->n_active = 0;
   ctl->first_bad_index = 0;
   ctl->first_bad_label = 0;
+  if (!a.update) {  // no launch 2 (nothing is counted without update: these are 0 already)
+    ctl->n_stray = 0;
+    ctl->first_stray = 0;
+  }
   ctl->ticket_rows = 0;
 }
 
@@ -180,6 +231,7 @@ __global__ void __launch_bounds__(kThreads, NV >= 32 ? 1 : 2) rows_kernel(StepAr
   const bool smooth = a.eps != 0.0f;
   const float nan_f = __int_as_float(0x7fc00000);
   const int ci = NV > 0 ? static_cast<int>(c) : 0;  // with NV > 0, c <= NV * TPR <= 1024
+  const Room room = read_room(a);                   // the same in every thread of the grid
 
   // The class weights' sum (the same bits in every block: the same fixed-order reduction).
   float wsum = 0.0f;
@@ -193,8 +245,8 @@ __global__ void __launch_bounds__(kThreads, NV >= 32 ? 1 : 2) rows_kernel(StepAr
   }
 
   double part_out = 0.0, part_den = 0.0;  // thread 0: this block's rows, in order
-  unsigned long long nbi = 0, nbl = 0, nnf = 0;
-  int64_t fbi = -1, fbl = -1;
+  unsigned long long nbi = 0, nbl = 0, nnf = 0, nst = 0, nact = 0;
+  int64_t fbi = -1, fbl = -1, fst = -1;
   const int64_t tiles = (b + R - 1) / R;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // the same trip count for the whole block
     const int64_t r = tile * R + g;
@@ -204,10 +256,15 @@ __global__ void __launch_bounds__(kThreads, NV >= 32 ? 1 : 2) rows_kernel(StepAr
       y = load_int(a.labels, a.labels64, r);
       i = load_int(a.indices, a.indices64, r);
     }
-    const bool bad_index = in && (i < 0 || i >= n);
+    // Left out: every row of a call without room (its range errors unrecorded), and a stray
+    // row (in range, not in the epoch's selection; its label is still checked).
+    const bool in_range = in && i >= 0 && i < n;
+    const bool stray = room.counted && !room.over && in_range && a.member[i] == 0;
+    const bool bad_index = in && !in_range && !room.over;
     const bool not_ignored = in && y != a.ignore_index;
-    const bool bad_label = not_ignored && (y < 0 || y >= c);
-    const bool active = not_ignored && !bad_label && !bad_index;
+    const bool label_out = not_ignored && (y < 0 || y >= c);
+    const bool bad_label = label_out && !room.over;
+    const bool active = not_ignored && !label_out && in_range && !room.over && !stray;
     const int64_t ys = active ? y : 0, is = active ? i : n;
     const T* x = static_cast<const T*>(a.logits) + (in ? r : 0) * c;
 
@@ -330,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, NV >= 32 ? 1 : 2) rows_kernel(StepAr
       s_den[g] = active ? w_y : 0.0f;
       s_key[g] = (active && finite) ? static_cast<uint32_t>(i) : kNone;
       s_info[g] = (bad_index ? I_BAD_INDEX : 0u) | (bad_label ? I_BAD_LABEL : 0u) |
-                  ((active && !finite) ? I_NONFINITE : 0u);
+                  ((active && !finite) ? I_NONFINITE : 0u) | (stray ? I_STRAY : 0u) | (active ? I_ACTIVE : 0u);
     }
     __syncthreads();
 
@@ -384,6 +441,11 @@ __global__ void __launch_bounds__(kThreads, NV >= 32 ? 1 : 2) rows_kernel(StepAr
           if (fbl < 0) fbl = tile * R + q;
         }
         if (f & I_NONFINITE) ++nnf;
+        if (f & I_STRAY) {
+          ++nst;
+          if (fst < 0) fst = tile * R + q;
+        }
+        if (f & I_ACTIVE) ++nact;
       }
     }
     __syncthreads();  // the tile's shared arrays are rewritten by the next tile
@@ -401,6 +463,11 @@ __global__ void __launch_bounds__(kThreads, NV >= 32 ? 1 : 2) rows_kernel(StepAr
       atomicMax(&ctl->first_bad_label, ~static_cast<unsigned int>(fbl));
     }
     if (nnf) atomicAdd(&ctl->n_nonfinite, nnf);
+    if (nst) {
+      atomicAdd(&ctl->n_stray, nst);
+      atomicMax(&ctl->first_stray, ~static_cast<unsigned int>(fst));
+    }
+    if (nact) atomicAdd(&ctl->n_active, nact);
   }
   __threadfence();
   __syncthreads();
@@ -409,6 +476,29 @@ __global__ void __launch_bounds__(kThreads, NV >= 32 ? 1 : 2) rows_kernel(StepAr
   if (!s_last) return;
   __threadfence();
   finish_rows(a, ctl, s_red);
+}
+
+// Launch 2's last block, an update call with the epoch's rows given and not refused: the row
+// counters (fastsel/ops.py, "Which rows count"; reference.commit_rows).
+__device__ void count_rows(const StepArgs& a, const Ctl* ctl) {
+  int64_t* rc = a.row_counts;
+  const int64_t b = a.b;
+  if (ctl->over != 0u) {  // a call without room: recorded, nothing else counts
+    if (rc[ROW_OVER_COUNT] == 0 && b > 0) {
+      rc[ROW_OVER_VALUE] = rc[ROW_SHARD] < 0 ? -1 : rc[ROW_TRAINED] + b;
+      rc[ROW_OVER_EPOCH] = *a.epoch;
+    }
+    rc[ROW_OVER_COUNT] += b;
+    return;
+  }
+  const unsigned long long nst = ctl->n_stray;
+  if (nst != 0) {
+    if (rc[ROW_STRAY_COUNT] == 0)
+      rc[ROW_STRAY_VALUE] = load_int(a.indices, a.indices64, static_cast<int64_t>(~ctl->first_stray));
+    rc[ROW_STRAY_COUNT] += static_cast<int64_t>(nst);
+  }
+  rc[ROW_TRAINED] += b;
+  rc[ROW_CALLS] += 1;
 }
 
 // Launch 2 (update only): each owner folds its sample's observation into the state.
@@ -422,6 +512,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(StepArgs a, StepWork w)
   const int tid = threadIdx.x;
   const bool refuse = ctl->refuse != 0u;
   const double ema = a.ema, om = a.one_minus_ema;
+  const int32_t epoch = static_cast<int32_t>(*a.epoch);  // last_epoch's type (as the reference's cast)
   double ep_loss = 0.0;
   unsigned long long ep_count = 0;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + tid; r < a.b;
@@ -462,7 +553,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(StepArgs a, StepWork w)
     const double frac = __ddiv_rn(static_cast<double>(cnt), sd_new > 1.0 ? sd_new : 1.0);
     a.p_true[t] = saturate(__dadd_rn(p_old, __dmul_rn(__dsub_rn(static_cast<double>(obs_p), p_old), frac)));
     a.seen[t] = s_new;
-    a.last_epoch[t] = a.epoch;
+    a.last_epoch[t] = epoch;
     ep_loss += sl;
     ep_count += static_cast<unsigned long long>(cnt);
   }
@@ -489,8 +580,12 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(StepArgs a, StepWork w)
     if (!refuse) {
       a.stats[STAT_EPOCH_LOSS] += tl;
       a.stats[STAT_EPOCH_COUNT] += static_cast<double>(tc);
+      if (a.row_counts != nullptr) count_rows(a, ctl);
     }
     ctl->refuse = 0u;
+    ctl->over = 0u;
+    ctl->n_stray = 0;
+    ctl->first_stray = 0u;
     ctl->ticket_merge = 0u;
   }
 }

@@ -124,10 +124,10 @@ class Budget:
         return self.elapsed() + ahead < self.seconds  # type: ignore[operator]
 
     # ---- spending ------------------------------------------------------------------------
-    def consumed(self, rows: int) -> None:
-        """A batch of ``rows`` went through the loss call."""
+    def consumed(self, rows: int, calls: int = 1) -> None:
+        """``calls`` loss calls of ``rows`` rows in all went through."""
         self.trained += rows
-        self.loss_calls += 1
+        self.loss_calls += calls
 
     def progress(self, shard_len: int) -> float:
         """Share spent, in [0, 1]: by elapsed time, or by trained rows (handed-out ones in a

@@ -108,4 +108,6 @@ def raise_for_errors(errors: torch.Tensor, n: int, num_classes: int | None = Non
         rng = f"[0, {num_classes})" if num_classes is not None else "[0, C)"
         raise IndexError(
             f"labels: {errs[ERR_LABEL_COUNT]} label(s) outside {rng} and not ignore_index, "
-            f"e.g. {errs[ERR_LABEL_VALUE]}; those rows were left out of the per-sample state")
+            f"e.g. {errs[ERR_LABEL_VALUE]}; those rows were left out of the per-sample state; if "
+            f"{errs[ERR_LABEL_VALUE]} marks elements to ignore, pass "
+            f"fastsel.Sampler(..., ignore_index={errs[ERR_LABEL_VALUE]})")

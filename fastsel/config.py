@@ -36,3 +36,19 @@ class LossConfig:
             w = self.class_weight
             if not isinstance(w, torch.Tensor) or w.dim() != 1 or not w.is_floating_point():
                 raise ValueError("class_weight must be a 1-D floating-point tensor of C entries")
+        self.ignore_index, self.label_smoothing = int(self.ignore_index), float(self.label_smoothing)
+        self.ema = float(self.ema)
+
+    @property
+    def reduction_code(self) -> int:
+        """``reduction`` as the ops take it (``layout.REDUCTIONS``' index)."""
+        return REDUCTIONS.index(self.reduction)
+
+    def weight_for(self, device: torch.device) -> Optional[torch.Tensor]:
+        """The class weights as the ops take them: contiguous float32 on ``device`` (moved
+        once and kept)."""
+        w = self.class_weight
+        if w is None or (w.device == device and w.dtype == torch.float32 and w.is_contiguous()):
+            return w
+        self.class_weight = w.to(device=device, dtype=torch.float32).contiguous()
+        return self.class_weight

@@ -25,6 +25,11 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> Any:
         item = self.dataset[index]
         if isinstance(item, dict):
+            if "index" in item:
+                raise ValueError(f"with_indices: item {index} of {type(self.dataset).__name__} is a dict "
+                                 f"that already has an 'index' key ({item['index']!r}), which the sample "
+                                 "index would overwrite: rename that key in the dataset, or pass the "
+                                 "dataset's own index to Sampler.loss instead of using with_indices")
             return {**item, "index": index}
         if isinstance(item, (tuple, list)):
             return (*item, index)

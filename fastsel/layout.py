@@ -38,12 +38,27 @@ ERR_LABEL_COUNT = 2
 ERR_LABEL_VALUE = 3
 ERR_SIZE = 4
 
+#: Slots of the int64 ``rows`` vector (fastsel/rows.py): which rows of a loss call count
+#: towards the epoch in progress, kept on the state's device so that the loss ops check and
+#: count them themselves (no host int is read inside a possibly compiled call).
+ROW_TRAINED = 0         # rows the update calls of this epoch admitted: the epoch's position
+ROW_SHARD = 1           # this rank's rows in the epoch; -1: no epoch is in progress
+ROW_CALLS = 2           # update calls of this epoch admitted
+ROW_STRAY_COUNT = 3     # rows whose sample the epoch did not select (masked, left out)
+ROW_STRAY_VALUE = 4     # the first such row's sample
+ROW_OVER_COUNT = 5      # rows of calls refused for room (no epoch, or past the shard)
+ROW_OVER_VALUE = 6      # the position the first such call would have reached (-1: no epoch)
+ROW_OVER_EPOCH = 7      # the epoch of that call
+ROW_SIZE = 8
+
 #: ``reduction`` as the ops take it.
 REDUCTIONS = ("mean", "sum", "none")
 REDUCTION_MEAN, REDUCTION_SUM, REDUCTION_NONE = 0, 1, 2
 
 _CONSTANTS = ("STAT_NONFINITE", "STAT_EPOCH_LOSS", "STAT_EPOCH_COUNT", "STAT_SIZE",
               "ERR_INDEX_COUNT", "ERR_INDEX_VALUE", "ERR_LABEL_COUNT", "ERR_LABEL_VALUE", "ERR_SIZE",
+              "ROW_TRAINED", "ROW_SHARD", "ROW_CALLS", "ROW_STRAY_COUNT", "ROW_STRAY_VALUE",
+              "ROW_OVER_COUNT", "ROW_OVER_VALUE", "ROW_OVER_EPOCH", "ROW_SIZE",
               "REDUCTION_MEAN", "REDUCTION_SUM", "REDUCTION_NONE")
 
 

@@ -1,6 +1,12 @@
 """Which rows of a loss call count towards the epoch: rows of the epoch being iterated, no
 more than this rank's shard holds, whose sample the epoch selected (in any order, so a
 grouped batch sampler works). ``update=False`` calls are not checked: they change nothing.
+
+The facts live on the state's device, where the loss ops read and write them (fastsel.ops
+says how): the epoch's selection as a membership mask, the epoch as a 0-d tensor, and the
+``layout.ROW_*`` counters. So a loss call reads no host int and a compiled one compiles
+once. The host keeps its own count of the rows it saw (eager calls) and reads the device's
+only where it already waits (``settle``), once a compiled call may have run.
 """
 from __future__ import annotations
 
@@ -8,95 +14,120 @@ from typing import Optional, Tuple
 
 import torch
 
-#: The index a stray row is given when it is masked on the device: out of every range, so
-#: the ops leave it out of the state and count it; the selection pass takes the count back.
-STRAY_INDEX = -(2 ** 31)
+from . import layout, ops
 
-_FIX = "pass update=False for a forward whose rows must not count (a sanity check, an evaluation)"
+FIX = "pass update=False for a forward whose rows must not count (a sanity check, an evaluation)"
+
+
+def room_message(b: int, epoch: int, position: int, shard_len: int) -> str:
+    """Why ``b`` rows cannot count: no epoch in progress (``shard_len < 0``), or no room."""
+    if shard_len < 0:
+        return (f"indices: no epoch is in progress (epoch {epoch} has not been iterated), so these "
+                f"{b} rows cannot count towards it: iterate the sampler or its DataLoader first (is "
+                "this Sampler the DataLoader's sampler? a torch DistributedSampler in its place draws "
+                f"no fastsel epoch: fastsel shards itself), or {FIX}")
+    return (f"indices: {b} more rows would take epoch {epoch} to {position + b} of this rank's "
+            f"{shard_len}: its rows have all been trained; {FIX}, or iterate the sampler again to "
+            "start the next epoch")
+
+
+def stray_message(count: int, epoch: int, first: int) -> str:
+    """Why rows whose sample the epoch did not select cannot count (strict, at once)."""
+    return (f"indices: {count} row(s) are samples epoch {epoch} did not select, e.g. {first} (an "
+            f"evaluation pass? labels passed as indices?); {FIX}")
 
 
 class EpochRows:
-    """The epoch's selection as a membership mask on the device, and the count of stray
-    rows found without a host sync (non-strict mode), raised at the next selection pass."""
+    """The epoch's rows on the device: ``member`` (uint8 [N + 1]), ``counts`` (int64
+    [ROW_SIZE]) and ``epoch`` (0-d int64), changed in place only (a compiled graph keeps
+    pointing at them), outside any loss call."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
         self.n = n
-        self._member: Optional[torch.Tensor] = None
-        # [stray rows, the first one's sample, those of them the ops masked and counted]
-        self._stray: Optional[torch.Tensor] = None
+        self.member = torch.zeros(n + 1, dtype=torch.uint8, device=device)
+        self.counts = torch.zeros(layout.ROW_SIZE, dtype=torch.int64, device=device)
+        self.counts[layout.ROW_SHARD] = -1
+        self.epoch = torch.zeros((), dtype=torch.int64, device=device)
 
-    def reset(self, selection: Optional[torch.Tensor]) -> None:
-        """A new epoch's selection (None: none drawn), or the same on another device; the
-        buffers the loss calls read are made here, never inside a (compiled) loss call."""
-        if selection is None:
-            self._member = None
-            return
-        m = torch.zeros(self.n + 1, dtype=torch.bool, device=selection.device)
-        m[selection] = True
-        m[self.n] = True   # out-of-range rows are the op's to report
-        self._member = m
-        if self._stray is None:
-            self._stray = torch.zeros(3, dtype=torch.int64, device=selection.device)
-        elif self._stray.device != selection.device:
-            self._stray = self._stray.to(selection.device)
+    @property
+    def device(self) -> torch.device:
+        return self.counts.device
+
+    def to(self, device: torch.device | str) -> None:
+        self.member, self.counts, self.epoch = (t.to(device) for t in (self.member, self.counts, self.epoch))
+
+    def args(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``member, rows, epoch`` as the loss ops take them."""
+        return self.member, self.counts, self.epoch
+
+    def open(self, selection: Optional[torch.Tensor], epoch: int, shard_len: int, position: int) -> None:
+        """The epoch in progress (``selection`` None: none), ``position`` of its rows trained."""
+        with torch.no_grad():
+            self.member.zero_()
+            if selection is not None:
+                self.member[selection.to(self.device)] = 1
+            c = self.counts
+            c[layout.ROW_TRAINED] = position
+            c[layout.ROW_SHARD] = shard_len if selection is not None else -1
+            c[layout.ROW_CALLS] = 0
+            self.epoch.fill_(epoch)
 
     @staticmethod
     def check_room(b: int, *, epoch: int, drawn: bool, position: int, shard_len: int) -> None:
-        """Refuse ``b`` rows when no epoch is in progress or its shard has no room for them:
-        host figures only, so it runs before anything (the state's device included) changes."""
-        if not drawn:
-            raise ValueError(f"indices: no epoch is in progress (epoch {epoch} has not been "
-                             f"iterated), so these {b} rows cannot count towards it: iterate the "
-                             f"sampler or its DataLoader first, or {_FIX}")
-        if position + b > shard_len:
-            raise ValueError(f"indices: {b} more rows would take epoch {epoch} to {position + b} "
-                             f"of this rank's {shard_len}: its rows have all been trained; {_FIX}, "
-                             "or iterate the sampler again to start the next epoch")
+        """The host's room check of an eager call: host figures only, so it refuses before
+        anything (the state's device included) changes. The ops check again on the device."""
+        if not drawn or position + b > shard_len:
+            raise ValueError(room_message(b, epoch, position, shard_len if drawn else -1))
 
-    def admit(self, indices: torch.Tensor, *, epoch: int, strict: bool, to_op: bool = True) -> torch.Tensor:
-        """After ``check_room``: refuse rows whose sample the epoch did not select (nothing
-        changes), or, when not strict, return the indices with those rows masked to
-        ``STRAY_INDEX`` (``to_op``: the masked indices go to an op, which counts them as out
-        of range)."""
-        if indices.shape[0] == 0:
-            return indices
-        in_range = (indices >= 0) & (indices < self.n)
-        stray = ~self._member[torch.where(in_range, indices, self.n).long()]  # type: ignore[index]
-        # Compiled code cannot branch on a value: there the check is the deferred one.
-        if strict and not torch.compiler.is_compiling():
-            if bool(stray.any()):
-                first = int(indices[stray][0])
-                raise ValueError(f"indices: {int(stray.sum())} row(s) are samples epoch {epoch} did "
-                                 f"not select, e.g. {first} (an evaluation pass? labels passed as "
-                                 f"indices?); {_FIX}")
-            return indices
-        self._record(indices, stray, to_op)
-        return torch.where(stray, torch.full_like(indices, STRAY_INDEX), indices)
+    def settle(self, cheap_only: bool = False) -> Optional[Tuple[int, int]]:
+        """The device's (rows trained, calls) of the epoch, once a compiled call may have
+        counted rows the host did not see; None when the host's count is exact. A host sync
+        off the CPU (``cheap_only``: then None instead)."""
+        if not ops.traced_updates or (cheap_only and self.device.type != "cpu"):
+            return None
+        trained, _, calls = self.counts[:layout.ROW_CALLS + 1].tolist()
+        return int(trained), int(calls)
 
-    def _record(self, indices: torch.Tensor, stray: torch.Tensor, to_op: bool) -> None:
-        s = self._stray
-        assert s is not None
-        pos = torch.argmax(stray.to(torch.int8)).reshape(1)
-        first = indices.to(torch.int64).index_select(0, pos).reshape(())
-        count = stray.sum()
-        s[1] = torch.where(s[0] == 0, first, s[1])
-        s[0] += count
-        if to_op:
-            s[2] += count
+    def take_faults(self) -> Tuple[int, int, int, int, int]:
+        """(stray rows, the first one's sample, rows refused for room, the position the first
+        such call would reach (-1: no epoch), its epoch) since the last call, cleared: a host
+        sync."""
+        c = self.counts
+        out = c[layout.ROW_STRAY_COUNT:layout.ROW_SIZE].tolist()
+        c[layout.ROW_STRAY_COUNT:layout.ROW_SIZE] = 0
+        return tuple(int(v) for v in out)  # type: ignore[return-value]
 
-    def take_stray(self) -> Tuple[int, int, int]:
-        """(stray rows since the last call, the first one's sample, those the ops counted as
-        out of range), cleared: a host sync."""
-        if self._stray is None:
-            return 0, 0, 0
-        count, first, by_op = self._stray.tolist()
-        self._stray.zero_()
-        return int(count), int(first), int(by_op)
+    def skip(self, indices: torch.Tensor, strict: bool) -> None:
+        """A consumed batch no op observes (``Sampler.skip``): the ops' membership check and
+        row count, in PyTorch."""
+        c, n = self.counts, self.n
+        with torch.no_grad():
+            in_range = (indices >= 0) & (indices < n)
+            stray = in_range & (self.member[torch.where(in_range, indices, n).long()] == 0)
+            if strict:
+                if bool(stray.any()):
+                    first = int(indices[stray][0])
+                    raise ValueError(stray_message(int(stray.sum()), int(self.epoch), first))
+            elif indices.numel():
+                pos = torch.argmax(stray.to(torch.int8)).reshape(1)
+                first = indices.to(torch.int64).index_select(0, pos).reshape(())
+                had = c[layout.ROW_STRAY_COUNT] == 0
+                c[layout.ROW_STRAY_VALUE] = torch.where(had & stray.any(), first, c[layout.ROW_STRAY_VALUE])
+                c[layout.ROW_STRAY_COUNT] += stray.sum()
+            c[layout.ROW_TRAINED] += indices.shape[0]
+            c[layout.ROW_CALLS] += 1
 
 
-def raise_for_stray(count: int, first: int, epoch: int) -> None:
-    """The deferred form of ``admit``'s refusal, at the selection pass."""
-    if count:
-        raise ValueError(f"indices: {count} row(s) given to the loss call in epoch {epoch} were "
+def raise_for_faults(faults: Tuple[int, int, int, int, int], epoch: int) -> None:
+    """The deferred form of the ops' refusals (non-strict mode), at the selection pass."""
+    n_stray, first, n_over, over_at, over_epoch = faults
+    if n_over:
+        where = ("no epoch was in progress" if over_at < 0 else
+                 f"they would have taken epoch {over_epoch} to {over_at} rows, past this rank's shard")
+        raise ValueError(f"indices: {n_over} row(s) were given to the loss call when {where}; they "
+                         f"were left out of the per-sample state; iterate the sampler or its "
+                         f"DataLoader once per epoch, or {FIX}")
+    if n_stray:
+        raise ValueError(f"indices: {n_stray} row(s) given to the loss call in epoch {epoch} were "
                          f"samples it did not select, e.g. {first} (an evaluation pass? labels passed "
-                         f"as indices?); they were left out of the per-sample state; {_FIX}")
+                         f"as indices?); they were left out of the per-sample state; {FIX}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import sys
+import types
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sized, Union
 
@@ -17,13 +19,14 @@ import numpy as np
 import torch
 
 from .backends import check_backend_name, get_backend
-from . import checkpoint
+from .backends.base import state_args
+from . import checkpoint, ops
 from .budget import Budget
 from .checks import check_observe_args, check_step_args, is_int
 from .config import REDUCTIONS, LossConfig
 from .distributed import StateSync, world
 from .policies import Policy, make_policy
-from .rows import EpochRows
+from .rows import EpochRows, room_message
 from .selection import SelectionPass
 from .sharding import Shard
 from .state import STAT_NONFINITE, SampleState
@@ -43,7 +46,7 @@ class _EpochIterator(Iterator[int]):
 
     def _reset(self) -> None:
         self.shard = self.sampler._shard_tensor()
-        self.i = self.sampler.position
+        self.i = self.sampler._position
         self._chunk: List[int] = []
         self._chunk_start = self.i
 
@@ -52,7 +55,7 @@ class _EpochIterator(Iterator[int]):
 
     def __next__(self) -> int:
         s = self.sampler
-        if self.i >= len(self.shard) or not s._may_hand_out(self.i - s.position):
+        if self.i >= len(self.shard) or not s._may_hand_out(self.i):
             s._exhausted = True
             raise StopIteration
         j = self.i - self._chunk_start
@@ -76,7 +79,7 @@ class _EpochIterator(Iterator[int]):
         y = sd.get("yielded")
         if not is_int(y) or not 0 <= y <= len(self.shard):
             raise ValueError(f"iterator state 'yielded' must be an int in [0, {len(self.shard)}], got {y!r}")
-        self.sampler.position = y
+        self.sampler._resume_at(y)
         self._reset()
 
 
@@ -136,16 +139,20 @@ class Sampler(torch.utils.data.Sampler[int]):
         self.state = SampleState(n, self._fixed_device or "cpu")
         self._sync = StateSync(self.state, world_size, rank) if world_size > 1 else None
         self._passes = SelectionPass(self.state, self.policy, self.budget, self._sync, self.seed)
-        self._rows = EpochRows(n)
+        self._rows = EpochRows(n, self.state.device)
+        # The ops' state arguments, made outside loss calls (again when the state moves).
+        self._op_state = state_args(self.state, self._rows.epoch, self._rows)
         self._backend: Optional[Any] = None
         self._backend_device: Optional[torch.device] = None
         self.epoch = 0
-        self.position = 0            # rows of this epoch's shard that went through loss()
+        self._position = 0           # rows of this epoch's shard the host counted through loss()
+        self._epoch_calls = 0        # update calls of this epoch the host counted
         self._exhausted = False      # the epoch's iterator ran out (or its time did)
         self._selection: Optional[torch.Tensor] = None   # global, shuffled, this epoch
         self._selection_epoch: Optional[int] = None
         self._shard_cpu: Optional[torch.Tensor] = None
         self._warned_spent = False
+        self._warned: set = set()    # the counting warnings already given (each warns once)
 
     # ---- what the parts know ------------------------------------------------------------
     world_size = property(lambda self: self.shard.world_size)
@@ -161,6 +168,7 @@ class Sampler(torch.utils.data.Sampler[int]):
 
     def progress(self) -> float:
         """Share of the budget spent, in [0, 1]: by trained samples or by wall clock."""
+        self._settle()
         return self.budget.progress(self.shard.length(self.budget.epoch_count(self.n)))
 
     def _time_up(self) -> bool:
@@ -174,10 +182,33 @@ class Sampler(torch.utils.data.Sampler[int]):
             e = float(t)
         return self.budget.time_up(e)
 
-    def _may_hand_out(self, outstanding: int) -> bool:
+    def _may_hand_out(self, handed_out: int) -> bool:
+        """Whether the epoch's iterator may hand out one more row, ``handed_out`` so far."""
         # Under DDP the ranks must yield equal counts: the epoch's count is fitted to the
         # remaining time at the selection pass instead of by each rank's clock.
-        return self.world_size > 1 or self.budget.may_hand_out(outstanding)
+        if self.world_size > 1 or not self.time_mode:
+            return True
+        self._settle(cheap_only=True)
+        return self.budget.may_hand_out(handed_out - self._position)
+
+    @property
+    def position(self) -> int:
+        """Rows of this epoch's shard trained through ``loss``/``observe``/``skip`` (compiled
+        calls included: read from the device's count once one was traced)."""
+        self._settle()
+        return self._position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._position = value
+
+    def _resume_at(self, position: int) -> None:
+        """Continue the drawn epoch from ``position`` (a restored iterator): the host's count
+        and the device's."""
+        self._position = position
+        if self._drawn():
+            self._rows.open(self._selection, self.epoch, len(self._shard_tensor()), position)
+            self._epoch_calls = 0
 
     # ---- epochs and iteration -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -185,18 +216,76 @@ class Sampler(torch.utils.data.Sampler[int]):
         if not is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got epoch={epoch!r}")
         if epoch != self.epoch:
+            self._close_epoch()
             self.epoch = epoch
-            self.position = 0
+            self._position = 0
+            self._epoch_calls = 0
         self._exhausted = False
 
     def _drawn(self) -> bool:
         return self._selection_epoch == self.epoch
 
     def _epoch_trained(self) -> bool:
-        return self._drawn() and self.position >= len(self._shard_tensor())
+        self._settle()
+        return self._drawn() and self._position >= len(self._shard_tensor())
 
     def _epoch_done(self) -> bool:
-        return self._drawn() and (self._exhausted or self.position >= len(self._shard_tensor()))
+        return self._drawn() and (self._exhausted or self._epoch_trained())
+
+    # ---- what counts: rows trained -------------------------------------------------------
+    def _settle(self, cheap_only: bool = False) -> None:
+        """Bring the host's count of the epoch's trained rows up to the device's, which also
+        counts the calls the host did not run (compiled ones): a no-op until one was traced."""
+        if not self._drawn():
+            return
+        got = self._rows.settle(cheap_only)
+        if got is None:
+            return
+        trained, calls = got
+        if trained > self._position:
+            self.budget.consumed(trained - self._position, max(0, calls - self._epoch_calls))
+            self._position = trained
+        self._epoch_calls = max(self._epoch_calls, calls)
+
+    def _close_epoch(self) -> None:
+        """Before the sampler moves past a drawn epoch: warn (once each) when it was handed
+        out but not trained (a reused sampler), or only partly trained (drop_last, a break)."""
+        if not self._drawn() or self.time_mode:
+            return
+        self._settle()
+        shard = len(self._shard_tensor())
+        if self._position >= shard or not self.budget.loss_calls:
+            return
+        if self._position == 0 and self._exhausted:
+            self._warn_once("untrained", f"fastsel: epoch {self.epoch} was handed out but none of its "
+                            f"{shard} rows were trained, so the budget skips it: was the sampler "
+                            "iterated twice in one epoch (an evaluation DataLoader given the training "
+                            "sampler, or list(sampler) called again inside the loop)? Give evaluation "
+                            "its own sampler (e.g. torch.utils.data.SequentialSampler)")
+        elif self._position > 0:
+            self._warn_once("partial", f"fastsel: epoch {self.epoch} trained {self._position} of its "
+                            f"{shard} rows: DataLoader(drop_last=True) drops the last partial batch, "
+                            "or the loop left the epoch early (a break); the budget will end unspent. "
+                            "Pass drop_last=False to the DataLoader (the sampler already fixes each "
+                            "epoch's length)")
+
+    def _warn_unspent(self) -> None:
+        """At the end of a fraction budget: warn once if rows of it were never trained."""
+        if self.time_mode or not self.budget.loss_calls or self.num_epochs is None:
+            return
+        self._settle()
+        total = self.num_epochs * self.shard.length(self.budget.epoch_count(self.n))
+        short = total - self.budget.trained
+        if short > 0:
+            self._warn_once("unspent", f"fastsel: the run ended with {short} of the budget's {total} "
+                            f"rows untrained on this rank (progress {self.progress():.3f}, so BudgetLR "
+                            "did not reach 0): DataLoader(drop_last=True) or a break out of an epoch? "
+                            "Pass drop_last=False and let every epoch run to its end")
+
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(text, stacklevel=4)
 
     def _next_epoch(self) -> int:
         """The epoch the next iteration draws: the current one, or the one after it once
@@ -208,6 +297,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         spent = self.budget.past_end(self.epoch) or self._time_up()
         if spent and not self._warned_spent:
             self._warned_spent = True
+            self._warn_unspent()
             warnings.warn(f"fastsel: the budget is spent ({self._budget_text()}); iterating "
                           f"epoch {self.epoch} yields nothing", stacklevel=3)
         return spent
@@ -227,12 +317,20 @@ class Sampler(torch.utils.data.Sampler[int]):
             self.set_epoch(e)
             yield e
             e = self.epoch + 1
+        self._close_epoch()
+        self._warn_unspent()
 
     def _start_iteration(self, trained_is_done: bool = False) -> bool:
         """What starting to iterate means (DataLoader's ``iter`` and FFCV's order alike): the
         clock runs, an epoch whose iterator ran out (or, with ``trained_is_done``, whose rows
         were all trained) moves on to the next, and its selection is drawn; False, drawing
         nothing, once the budget is spent."""
+        if self.world_size > 1 and not (torch.distributed.is_available()
+                                        and torch.distributed.is_initialized()):
+            raise RuntimeError(f"Sampler(num_replicas={self.world_size}, rank={self.rank}) needs an "
+                               "initialised process group to draw an epoch: call "
+                               "torch.distributed.init_process_group(...) before iterating, or leave "
+                               "num_replicas and rank unset for one process")
         self.budget.start_clock()
         if self._epoch_done() and (self._exhausted or trained_is_done):
             self.set_epoch(self.epoch + 1)
@@ -243,6 +341,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         return True
 
     def __iter__(self) -> Iterator[int]:
+        _refuse_wrappers(sys._getframe(1))
         return _EpochIterator(self) if self._start_iteration() else iter(())
 
     def __len__(self) -> int:
@@ -286,18 +385,20 @@ class Sampler(torch.utils.data.Sampler[int]):
         if self._selection_epoch == self.epoch:
             return
         progress = self.progress() if self.time_mode else self.epoch / max(1, self.num_epochs)  # type: ignore[arg-type]
-        order = self._passes(self.epoch, self._get_backend, self._rows.take_stray(), progress)
+        order = self._passes(self.epoch, self._get_backend, self._rows.take_faults(), progress)
         self._set_selection(order, self.epoch)
-        self._shard_tensor()  # the one device→host copy of the epoch
 
     def _set_selection(self, order: Optional[torch.Tensor], epoch: Optional[int]) -> None:
+        """The epoch's selection (None: none), and its rows opened on the device for the ops."""
         self._selection, self._selection_epoch = order, epoch
         self._shard_cpu = None
-        self._rows.reset(order)
+        shard = len(self._shard_tensor()) if order is not None else -1  # the one device→host copy
+        self._rows.open(order, self.epoch if epoch is None else epoch, shard, self._position)
+        self._epoch_calls = 0
 
     # ---- the loss call ------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor, *,
-             reduction: Optional[str] = None, update: bool = True) -> torch.Tensor:
+             reduction: Optional[str] = None, update: bool = True, **unknown: Any) -> torch.Tensor:
         """Cross-entropy as ``F.cross_entropy`` computes it, folded into the per-sample state;
         returns the loss to backprop (policy weights applied). No host sync off the CPU.
 
@@ -308,21 +409,27 @@ class Sampler(torch.utils.data.Sampler[int]):
         non-ignored elements. ``reduction`` overrides the sampler's for this call.
         ``update=False`` computes the same loss and changes nothing: for any forward whose
         rows must not count (a sanity check, an evaluation pass, a second pass).
+
+        One op forward and one backward (``fastsel.ops``), which also check and count the
+        rows; under ``torch.compile`` the call reads no host int of the sampler, so a compiled
+        step compiles once across epochs.
         """
+        _refuse_call_settings("loss", unknown)
         cfg = self._call_config(reduction)
         check_step_args(logits, target, indices, cfg)
-        if update:
-            self._check_room(int(logits.shape[0]))
+        host = update and not torch.compiler.is_compiling()
+        if host:
+            self._check_room(logits.shape[0])
         backend = self._follow(logits.device, cfg)
-        idx = self._admit(indices, cfg.strict) if update else indices
-        out = backend.step(logits, target, idx, self.state, cfg, self.epoch, update)
-        if update:
-            self._consumed(int(logits.shape[0]))
+        out = ops.ce_step(backend.step_impl(logits, target), logits, target, indices,
+                          self._op_state, cfg, update)  # type: ignore[arg-type]
+        if host:
+            self._consumed(logits.shape[0])
         return out
 
     def observe(self, losses: torch.Tensor, indices: torch.Tensor, *,
                 p_true: Optional[torch.Tensor] = None, reduction: Optional[str] = None,
-                update: bool = True) -> torch.Tensor:
+                update: bool = True, **unknown: Any) -> torch.Tensor:
         """Per-sample losses of any loss function (focal, detection, contrastive, ...) folded
         into the per-sample state as ``loss()`` folds its cross-entropy; returns their
         policy-weighted reduction, with the gradient flowing into ``losses``.
@@ -332,15 +439,17 @@ class Sampler(torch.utils.data.Sampler[int]):
         defaults to exp(-loss), exact for hard-label cross-entropy. ``indices``,
         ``reduction`` and ``update`` as in ``loss()``; ``"mean"`` divides by the rows.
         """
+        _refuse_call_settings("observe", unknown)
         check_observe_args(losses, indices, p_true)
         cfg = self._call_config(reduction)
-        if update:
-            self._check_room(int(losses.shape[0]))
+        host = update and not torch.compiler.is_compiling()
+        if host:
+            self._check_room(losses.shape[0])
         backend = self._follow(losses.device, cfg)
-        idx = self._admit(indices, cfg.strict) if update else indices
-        out = backend.observe(losses, idx, self.state, cfg, self.epoch, p_true, update)
-        if update:
-            self._consumed(int(losses.shape[0]))
+        out = ops.observe(backend.observe_impl(losses), losses, p_true, indices,
+                          self._op_state, cfg, update)  # type: ignore[arg-type]
+        if host:
+            self._consumed(losses.shape[0])
         return out
 
     def skip(self, indices: torch.Tensor) -> None:
@@ -353,19 +462,18 @@ class Sampler(torch.utils.data.Sampler[int]):
             raise ValueError(f"indices must be int64 or int32, got {indices.dtype}")
         strict = (indices.device.type == "cpu") if self._strict is None else bool(self._strict)
         self._check_room(int(indices.shape[0]))
-        self._admit(indices, strict, to_op=False)
+        if indices.device != self._rows.device:
+            raise ValueError(f"indices is on {indices.device} but the sampler's state is on "
+                             f"{self._rows.device}: move it with .to({str(self._rows.device)!r})")
+        self._rows.skip(indices, strict)
         self._consumed(int(indices.shape[0]))
 
     def _check_room(self, b: int) -> None:
         """Refuse ``b`` rows outside an epoch in progress or past its shard (fastsel.rows),
         before the call moves or writes anything."""
         drawn = self._drawn()
-        self._rows.check_room(b, epoch=self.epoch, drawn=drawn, position=self.position,
+        self._rows.check_room(b, epoch=self.epoch, drawn=drawn, position=self._position,
                               shard_len=len(self._shard_tensor()) if drawn else 0)
-
-    def _admit(self, indices: torch.Tensor, strict: bool, to_op: bool = True) -> torch.Tensor:
-        """The rows of the epoch's selection (fastsel.rows); refuses or masks the others."""
-        return self._rows.admit(indices, epoch=self.epoch, strict=strict, to_op=to_op)
 
     def _call_config(self, reduction: Optional[str]) -> LossConfig:
         """The loss settings of one call: the sampler's, with ``reduction`` overridden."""
@@ -389,11 +497,12 @@ class Sampler(torch.utils.data.Sampler[int]):
                 self._sync.to(dev)
             if self._selection is not None:
                 self._selection = self._selection.to(dev)
-                self._rows.reset(self._selection)
+            self._rows.to(dev)
+            self._op_state = state_args(self.state, self._rows.epoch, self._rows)
             self._backend = None
         w = self.cfg.class_weight
         if w is not None and w.device != dev:
-            self.cfg.class_weight = w.to(dev)
+            self.cfg.weight_for(dev)
             if cfg is not self.cfg:
                 cfg.class_weight = self.cfg.class_weight
         strict = (dev.type == "cpu") if self._strict is None else bool(self._strict)
@@ -402,8 +511,10 @@ class Sampler(torch.utils.data.Sampler[int]):
         return self._get_backend(dev)
 
     def _consumed(self, b: int) -> None:
-        """A batch of b rows went through: the epoch position and the budget advance."""
-        self.position += b
+        """A batch of b rows went through (the host saw it): the epoch position and the
+        budget advance, as the ops advanced the device's count."""
+        self._position += b
+        self._epoch_calls += 1
         self.budget.consumed(b)
 
     # ---- observability ----------------------------------------------------------------
@@ -411,6 +522,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         """Selected fraction, samples seen/skipped, passes saved, selection time, entropy,
         and the mean observed loss per epoch (the last entry is the current epoch so far;
         under DDP that one is this rank's until the next selection pass merges them)."""
+        self._settle()
         st, b = self.state, self.budget
         epochs_run = len(b.epoch_counts)
         # Full training: every sample in every epoch the recipe (or the time budget) ran.
@@ -445,9 +557,44 @@ class Sampler(torch.utils.data.Sampler[int]):
         Under DDP it holds this rank's updates since the last selection pass: save one per
         rank, or save at an epoch boundary.
         """
+        self._settle()
         return checkpoint.state_dict(self)
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         """Restore a ``state_dict``. Every field is checked before anything is written (a
         bad one is refused, naming it, and nothing changes); no tensor is shared with ``sd``."""
         checkpoint.load(self, sd)
+
+
+#: Loss settings a user may pass to the call, where they belong on the Sampler.
+_SAMPLER_SETTINGS = ("ignore_index", "label_smoothing", "class_weight", "weight", "ema")
+
+
+def _refuse_call_settings(call: str, unknown: Dict[str, Any]) -> None:
+    """Refuse keyword arguments ``loss``/``observe`` do not take, naming where they go."""
+    if not unknown:
+        return
+    name, value = next(iter(unknown.items()))
+    if name in _SAMPLER_SETTINGS:
+        arg = "class_weight" if name == "weight" else name
+        raise TypeError(f"Sampler.{call}() takes no {name}={value!r}: the loss settings belong on the "
+                        f"Sampler, set once for every call: fastsel.Sampler(..., {arg}={value!r})")
+    raise TypeError(f"Sampler.{call}() got an unexpected keyword argument {name!r} (it takes "
+                    "reduction= and update=; the loss settings go on the Sampler)")
+
+
+def _refuse_wrappers(frame: Optional[types.FrameType]) -> None:
+    """Refuse iteration by a distributed wrapper (Lightning's DistributedSamplerWrapper, a
+    torch DistributedSampler over the sampler): fastsel shards itself, so a wrapper would
+    shard its shard and read lengths of epochs it does not know."""
+    for _ in range(3):
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.utils.data.DistributedSampler) or type(owner).__name__ == "_DatasetSamplerWrapper":
+            raise TypeError(f"fastsel.Sampler is being iterated by {type(owner).__name__}, a distributed "
+                            "wrapper: fastsel shards itself (num_replicas and rank default to the process "
+                            "group). Give the DataLoader the Sampler itself: in Lightning pass "
+                            "Trainer(use_distributed_sampler=False); elsewhere drop the "
+                            "DistributedSampler/DistributedSamplerWrapper")
+        frame = frame.f_back

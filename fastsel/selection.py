@@ -15,9 +15,8 @@ from . import rng
 from .budget import Budget
 from .checks import raise_for_errors
 from .distributed import StateSync
-from .layout import ERR_INDEX_COUNT
 from .policies import Policy, SelectionContext
-from .rows import raise_for_stray
+from .rows import raise_for_faults
 from .state import STAT_EPOCH_COUNT, STAT_EPOCH_LOSS, SampleState
 from .threads import calling_thread_only
 
@@ -35,32 +34,31 @@ class SelectionPass:
         self.epoch_losses: List[float] = []
 
     def __call__(self, epoch: int, backend_for: Callable[[torch.device], Any],
-                 stray: Tuple[int, int, int], progress: float) -> torch.Tensor:
+                 faults: Tuple[int, int, int, int, int], progress: float) -> torch.Tensor:
         """The epoch's selection in training order (int64, on the state's device); timed.
-        ``stray``: ``EpochRows.take_stray()``, the rows masked since the last pass."""
+        ``faults``: ``EpochRows.take_faults()``, the rows the ops left out since the last pass."""
         t0 = time.perf_counter()
         with calling_thread_only(self.state.device, self.state.n):
-            order = self._draw(epoch, backend_for, stray, progress)
+            order = self._draw(epoch, backend_for, faults, progress)
         self.seconds += time.perf_counter() - t0
         return order
 
     def _draw(self, epoch: int, backend_for: Callable[[torch.device], Any],
-              stray: Tuple[int, int, int], progress: float) -> torch.Tensor:
+              faults: Tuple[int, int, int, int, int], progress: float) -> torch.Tensor:
         st, budget = self.state, self.budget
-        n_stray, first_stray, by_op = stray
+        n_stray, first_stray, n_over, over_at, over_epoch = faults
         budget_left = None
         if self.sync is not None:
             w = self.sync.world_size
-            tot = self.sync(st, [budget.elapsed(), float(budget.trained), float(n_stray), float(by_op)])
+            tot = self.sync(st, [budget.elapsed(), float(budget.trained), float(n_stray), float(n_over)])
             elapsed, trained = tot[0] / w, tot[1]
-            n_stray, by_op = int(round(tot[2])), int(round(tot[3]))
+            n_stray, n_over = int(round(tot[2])), int(round(tot[3]))
             if budget.time_mode and elapsed > 0:
                 budget_left = (budget.seconds - elapsed) * trained / elapsed  # type: ignore[operator]
         errs = st.take_errors()
-        errs[ERR_INDEX_COUNT] -= by_op   # the masked stray rows, reported on their own
         if self.sync is not None:
             self.sync.rebase(st, mark=epoch)
-        raise_for_stray(n_stray, first_stray, epoch - 1)
+        raise_for_faults((n_stray, first_stray, n_over, over_at, over_epoch), epoch - 1)
         if bool(errs.any()):
             raise_for_errors(errs, st.n)
         self.policy.observe(st, self._mean_loss(), budget.time_mode)

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 ARCHS = (80, 90)
 
-_F32, _F64, _I64, _I32 = "*fp32", "*fp64", "*i64", "*i32"
+_F32, _F64, _I64, _I32, _U8 = "*fp32", "*fp64", "*i64", "*i32", "*u8"
 #: Runtime argument types of each kernel, in order; ``{dtype}`` is the logits' element type
 #: and ``{index}`` that of labels and indices.
 SIGNATURES: Dict[str, List[tuple]] = {
@@ -31,8 +31,10 @@ SIGNATURES: Dict[str, List[tuple]] = {
                        ("loss_ptr", _F32), ("ptrue_ptr", _F32), ("row_ptr", _F32),
                        ("wy_ptr", _F32), ("flags_ptr", _I32), ("grad_ptr", "*{dtype}"),
                        ("dup_ptr", _I32), ("acc_ptr", _F64), ("grp_ptr", _I32),
+                       ("member_ptr", _U8), ("rows_ptr", _I64),
                        ("B", "i32"), ("C", "i32"), ("N", "i32"), ("ignore_index", "i32"),
-                       ("eps", "fp32"), ("one_m_eps", "fp32"), ("count", "i32")],
+                       ("eps", "fp32"), ("one_m_eps", "fp32"), ("count", "i32"),
+                       ("check", "i32")],
     "merge_update_kernel": [("flags_ptr", _I32), ("indices_ptr", _I64), ("labels_ptr", _I64),
                             ("loss_ptr", _F32), ("ptrue_ptr", _F32), ("row_ptr", _F32),
                             ("wy_ptr", _F32), ("s_loss_ptr", _F32),
@@ -40,16 +42,17 @@ SIGNATURES: Dict[str, List[tuple]] = {
                             ("s_last_ptr", _I32), ("stats_ptr", _F64), ("errors_ptr", _I64),
                             ("out_ptr", _F32), ("scale_ptr", _F32),
                             ("dup_ptr", _I32), ("acc_ptr", _F64), ("grp_ptr", _I32),
-                            ("part_ptr", _F64),
-                            ("B", "i32"), ("N", "i32"), ("epoch", "i32"), ("ema", "fp32"),
+                            ("part_ptr", _F64), ("rows_ptr", _I64), ("epoch_ptr", _I64),
+                            ("B", "i32"), ("N", "i32"), ("ema", "fp32"),
                             ("one_m_ema", "fp32"), ("update", "i32"),
-                            ("reduction", "i32"), ("safe_mean", "i32")],
+                            ("reduction", "i32"), ("safe_mean", "i32"), ("check", "i32")],
     "observe_rows_kernel": [("losses_ptr", "*{dtype}"), ("probs_ptr", "*{dtype}"),
                             ("indices_ptr", "*{index}"), ("pweight_ptr", _F32),
                             ("loss_ptr", _F32), ("ptrue_ptr", _F32), ("row_ptr", _F32),
                             ("wy_ptr", _F32), ("flags_ptr", _I32), ("scale_ptr", _F32),
                             ("dup_ptr", _I32), ("acc_ptr", _F64), ("grp_ptr", _I32),
-                            ("B", "i32"), ("N", "i32"), ("count", "i32")],
+                            ("member_ptr", _U8), ("rows_ptr", _I64),
+                            ("B", "i32"), ("N", "i32"), ("count", "i32"), ("check", "i32")],
     "scale_grad_kernel": [("grad_ptr", "*{dtype}"), ("gout_ptr", _F32), ("gout_stride", "i32"),
                           ("scale_ptr", _F32), ("out_ptr", "*{dtype}"), ("numel", "i64"),
                           ("C", "i32")],

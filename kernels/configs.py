@@ -17,7 +17,7 @@ STEP_MAX_ROWS = 64
 #: tile of the last program's sum over the per-program partials, warps.
 MERGE_BLOCK, MERGE_PBLOCK, MERGE_WARPS = 256, 128, 4
 #: float64 partials per program of the merge launch (``kernels/step.py`` P_STRIDE).
-MERGE_PARTIALS = 9
+MERGE_PARTIALS = 11
 #: Radix threshold select: keys per program of the passes over the keys and of the
 #: compaction, warps; programs of the pass over the candidates (a grid-stride loop, since
 #: their number is only known on the device); 11-bit digits (2048 bins).

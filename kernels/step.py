@@ -28,13 +28,24 @@ The merge, O(1) work per row and no sort, no pairwise pass, no single-program st
 * Totals: each program writes its partial sums (reduction, divisor, counts, first bad row)
   to ``part``; the program that takes the last ticket on ``dup[N + 1]`` reduces them in
   program order (deterministic), writes ``out``, ``scale`` (1/divisor under "mean", on the
-  device: no host sync), the epoch stats and the error counters, and resets the ticket.
+  device: no host sync), the epoch stats, the error and row counters, and resets the ticket.
+
+Which rows count (``fastsel.ops``) is decided inside the same two launches, on the device:
+with ``check`` (an update call given its epoch's ``member`` mask and ``rows`` counters) the
+rows kernel reads ``rows[ROW_TRAINED]``, ``rows[ROW_SHARD]`` (``_refused``: the whole call
+is refused for room) and ``member[idx]`` (stray rows), leaves those rows out (no loss, no
+gradient, not in the mean's divisor, not folded) and flags the stray ones; the merge's last
+program counts them, or the refused call, in the ``ROW_*`` slots, and an admitted call's
+rows and call. Nothing writes ``rows`` between the two reads of the room check (the rows
+kernel's and the last program's), so both see the same figures. Strict mode checks on the
+host before any launch (``fastsel.backends.triton``), so the kernels never refuse a row there.
 
 The gradient is written unscaled by the reduction; its scale is the 0-d ``scale`` and the
 autograd formula (``fastsel.ops``) multiplies by ``grad_output * scale`` in backward, a
 multiply that a device-side grad_output needs anyway.
 
-The slots of ``stats`` and ``errors`` come from ``fastsel.layout`` (module-level constexprs).
+The slots of ``stats``, ``errors`` and ``rows`` come from ``fastsel.layout`` (module-level
+constexprs).
 """
 import triton
 import triton.language as tl
@@ -49,12 +60,22 @@ ERR_INDEX_COUNT = tl.constexpr(layout.ERR_INDEX_COUNT)
 ERR_INDEX_VALUE = tl.constexpr(layout.ERR_INDEX_VALUE)
 ERR_LABEL_COUNT = tl.constexpr(layout.ERR_LABEL_COUNT)
 ERR_LABEL_VALUE = tl.constexpr(layout.ERR_LABEL_VALUE)
+# Slots of the epoch's int64 row counters (fastsel.rows), defined in fastsel.layout.
+ROW_TRAINED = tl.constexpr(layout.ROW_TRAINED)
+ROW_SHARD = tl.constexpr(layout.ROW_SHARD)
+ROW_CALLS = tl.constexpr(layout.ROW_CALLS)
+ROW_STRAY_COUNT = tl.constexpr(layout.ROW_STRAY_COUNT)
+ROW_STRAY_VALUE = tl.constexpr(layout.ROW_STRAY_VALUE)
+ROW_OVER_COUNT = tl.constexpr(layout.ROW_OVER_COUNT)
+ROW_OVER_VALUE = tl.constexpr(layout.ROW_OVER_VALUE)
+ROW_OVER_EPOCH = tl.constexpr(layout.ROW_OVER_EPOCH)
 
 # Per-row flags written by ce_step_kernel / observe_rows_kernel, read by merge_update_kernel.
 FLAG_ACTIVE = tl.constexpr(1)     # label not ignored, index and label in range
 FLAG_FINITE = tl.constexpr(2)     # the row's loss and p_true are finite
 FLAG_BAD_INDEX = tl.constexpr(4)
 FLAG_BAD_LABEL = tl.constexpr(8)
+FLAG_STRAY = tl.constexpr(16)     # a sample the epoch did not select: left out and counted
 FLAG_OBSERVED = tl.constexpr(3)   # FLAG_ACTIVE | FLAG_FINITE: the row enters the state
 
 REDUCTION_MEAN = tl.constexpr(layout.REDUCTION_MEAN)
@@ -65,8 +86,8 @@ STATE_MAX = tl.constexpr(layout.STATE_MAX)
 @triton.jit
 def ce_step_kernel(logits_ptr, stride_row, labels_ptr, indices_ptr, pweight_ptr, cweight_ptr,
                    loss_ptr, ptrue_ptr, row_ptr, wy_ptr, flags_ptr, grad_ptr,
-                   dup_ptr, acc_ptr, grp_ptr,
-                   B, C, N, ignore_index, eps, one_m_eps, count,
+                   dup_ptr, acc_ptr, grp_ptr, member_ptr, rows_ptr,
+                   B, C, N, ignore_index, eps, one_m_eps, count, check,
                    HAS_CW: tl.constexpr, SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
     """BLOCK_R rows per program: online softmax in fp32 over BLOCK_C-column chunks.
@@ -77,6 +98,7 @@ def ce_step_kernel(logits_ptr, stride_row, labels_ptr, indices_ptr, pweight_ptr,
     Rows left out get gradient 0 * softmax, like autograd through ``F.cross_entropy``: NaN
     when the row's logits hold a NaN (or +inf), else 0. With ``count`` nonzero (the step
     updates the state), the duplicate count of each observed row's sample (``_count_rows``).
+    With ``check`` nonzero, the rows a refused call or a stray index leaves out (``_admit``).
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -86,7 +108,12 @@ def ce_step_kernel(logits_ptr, stride_row, labels_ptr, indices_ptr, pweight_ptr,
     bad_index = rmask & ((idx < 0) | (idx >= N))
     not_ign = lab != ignore_index
     bad_label = rmask & not_ign & ((lab < 0) | (lab >= C))
-    active = rmask & not_ign & (~bad_label) & (~bad_index)
+    kept, stray = _admit(member_ptr, rows_ptr, rows, idx, bad_index, B, N, check)
+    active = kept & not_ign & (~bad_label) & (~bad_index) & (~stray)
+    # The flags of the rows left out, settled before the softmax (fewer values live across
+    # it); a refused call's range errors are not recorded.
+    faults = (tl.where(bad_index & kept, FLAG_BAD_INDEX, 0)
+              + tl.where(bad_label & kept, FLAG_BAD_LABEL, 0) + tl.where(stray, FLAG_STRAY, 0))
     y = tl.where(active, lab, 0)
     sidx = tl.where(active, idx, N)
     pw = tl.load(pweight_ptr + sidx, mask=rmask, other=1.0)
@@ -189,14 +216,46 @@ def ce_step_kernel(logits_ptr, stride_row, labels_ptr, indices_ptr, pweight_ptr,
             gp = grad_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
             tl.store(gp, g.to(grad_ptr.dtype.element_ty), mask=m2)
     finite = _finite(loss) & _finite(p_true)
-    flags = (tl.where(active, FLAG_ACTIVE, 0) + tl.where(finite & active, FLAG_FINITE, 0)
-             + tl.where(bad_index, FLAG_BAD_INDEX, 0) + tl.where(bad_label, FLAG_BAD_LABEL, 0))
+    flags = tl.where(active, FLAG_ACTIVE, 0) + tl.where(finite & active, FLAG_FINITE, 0) + faults
     tl.store(loss_ptr + rows, loss, mask=rmask)
     tl.store(ptrue_ptr + rows, p_true, mask=rmask)
     tl.store(row_ptr + rows, tl.where(active, pw * weighted, 0.0), mask=rmask)
     tl.store(wy_ptr + rows, tl.where(active, w_y, 0.0), mask=rmask)
     tl.store(flags_ptr + rows, flags, mask=rmask)
     _count_rows(dup_ptr, acc_ptr, grp_ptr, rows, idx, finite & active, B, count)
+
+
+@triton.jit
+def _on(flag):
+    """An int argument's ``!= 0`` as a boolean tensor: under the interpreter the comparison
+    of an int argument is a Python bool, which ``tl.load`` refuses as a mask."""
+    return (tl.zeros([], tl.int32) + flag) != 0
+
+
+@triton.jit
+def _refused(rows_ptr, B, check):
+    """Whether a call of B rows is refused for room (``fastsel.ops``, check 1): no epoch in
+    progress (``rows[ROW_SHARD] < 0``) or ``rows[ROW_TRAINED] + B`` past the shard; false
+    without ``check``. The rows kernels and the merge's last program read it alike."""
+    on = _on(check)
+    trained = tl.load(rows_ptr + ROW_TRAINED, mask=on, other=0)
+    shard = tl.load(rows_ptr + ROW_SHARD, mask=on, other=0)
+    return on & ((shard < 0) | (trained + B > shard))
+
+
+@triton.jit
+def _admit(member_ptr, rows_ptr, rows, idx, bad_index, B, N, check):
+    """The rows kernels' room and membership checks (``fastsel.ops``, checks 1 and 2) of
+    their block of ``rows``: (the rows of the block unless the whole call is refused for
+    room, the stray rows: an index in [0, N) whose ``member`` entry is 0, in a call not
+    refused). Without ``check``: every row of the block, none stray. The scalar conditions
+    become blocks by ``rows < where(...)`` (a block & a scalar bool is int32 under the
+    interpreter)."""
+    over = _refused(rows_ptr, B, check)
+    kept = rows < tl.where(over, 0, B)
+    look = (rows < tl.where(_on(check) & (~over), B, 0)) & (~bad_index)
+    stray = look & (tl.load(member_ptr + tl.where(look, idx, N), mask=look, other=1) == 0)
+    return kept, stray
 
 
 @triton.jit
@@ -238,19 +297,22 @@ def _observed(v):
 @triton.jit
 def observe_rows_kernel(losses_ptr, probs_ptr, indices_ptr, pweight_ptr,
                         loss_ptr, ptrue_ptr, row_ptr, wy_ptr, flags_ptr, scale_ptr,
-                        dup_ptr, acc_ptr, grp_ptr, B, N, count,
+                        dup_ptr, acc_ptr, grp_ptr, member_ptr, rows_ptr, B, N, count, check,
                         HAS_PROBS: tl.constexpr, BLOCK: tl.constexpr):
     """``observe``'s per-row arrays for ``merge_update_kernel``: the observed loss (float32,
     saturated), p_true (the given probabilities, else exp(-loss), saturated), the flags, the
     policy-weighted loss of active rows (0 for the others; a float64 loss beyond float32's
     range is inf there, as the reference's), weight 1 per active row (the mean's count) and
     the row's scale before the reduction (its policy weight if active, else 0); with
-    ``count``, the duplicate counts (``_count_rows``)."""
+    ``count``, the duplicate counts (``_count_rows``); with ``check``, the rows a refused
+    call or a stray index leaves out (``_admit``)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < B
     idx = tl.load(indices_ptr + rows, mask=rmask, other=0).to(tl.int64)
     bad_index = rmask & ((idx < 0) | (idx >= N))
-    active = rmask & (~bad_index)
+    kept, stray = _admit(member_ptr, rows_ptr, rows, idx, bad_index, B, N, check)
+    active = kept & (~bad_index) & (~stray)
+    bad_index = bad_index & kept     # a refused call's range errors are not recorded
     given = tl.load(losses_ptr + rows, mask=rmask, other=0.0)
     raw = given.to(tl.float32)  # the returned loss: as the reference's losses.float()
     loss = _observed(given)
@@ -263,7 +325,7 @@ def observe_rows_kernel(losses_ptr, probs_ptr, indices_ptr, pweight_ptr,
     scale = tl.where(active, pw, 0.0)
     finite = _finite(loss) & _finite(p_true)
     flags = (tl.where(active, FLAG_ACTIVE, 0) + tl.where(finite & active, FLAG_FINITE, 0)
-             + tl.where(bad_index, FLAG_BAD_INDEX, 0))
+             + tl.where(bad_index, FLAG_BAD_INDEX, 0) + tl.where(stray, FLAG_STRAY, 0))
     tl.store(loss_ptr + rows, loss, mask=rmask)
     tl.store(ptrue_ptr + rows, p_true, mask=rmask)
     tl.store(row_ptr + rows, tl.where(active, pw * raw, 0.0), mask=rmask)
@@ -299,7 +361,9 @@ P_NBI = tl.constexpr(5)
 P_FBI = tl.constexpr(6)       # first row with a bad index (B if none)
 P_NBL = tl.constexpr(7)
 P_FBL = tl.constexpr(8)
-P_STRIDE = tl.constexpr(9)
+P_NST = tl.constexpr(9)       # stray rows
+P_FST = tl.constexpr(10)      # first stray row (B if none)
+P_STRIDE = tl.constexpr(11)
 #: The slot of ``dup`` past the dummy slot N: the ticket of the totals.
 DUP_TICKET = tl.constexpr(1)
 
@@ -308,22 +372,24 @@ DUP_TICKET = tl.constexpr(1)
 def merge_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr, row_ptr, wy_ptr,
                         s_loss_ptr, s_var_ptr, s_p_ptr, s_seen_ptr, s_last_ptr,
                         stats_ptr, errors_ptr, out_ptr, scale_ptr,
-                        dup_ptr, acc_ptr, grp_ptr, part_ptr,
-                        B, N, epoch, ema, one_m_ema, update, reduction, safe_mean,
+                        dup_ptr, acc_ptr, grp_ptr, part_ptr, rows_ptr, epoch_ptr,
+                        B, N, ema, one_m_ema, update, reduction, safe_mean, check,
                         BLOCK: tl.constexpr, PBLOCK: tl.constexpr):
     """One lane per row, BLOCK rows per program, a grid over the rows (no pairwise pass):
     with ``update`` nonzero, merge duplicates and fold each sample's observation into the
     state (module docstring); every program adds its partial totals, and the last one
-    writes ``out``, ``scale``, the stats (if ``update``) and the error counters.
+    writes ``out``, ``scale``, the stats (if ``update``), the error counters and, with
+    ``check``, the row counters.
 
     ``out`` = the sum of the per-row outputs, divided under "mean" by the sum of the active
     rows' class weights ``den`` (0/0 = NaN, as F.cross_entropy); ``scale`` = 1/den under
-    "mean", else 1. With ``safe_mean`` (observe) a batch without an active row has scale 0
-    and out 0.
+    "mean" (0 when no row is active: the reference's all-masked gradient is 0, not 0 * inf),
+    else 1. With ``safe_mean`` (observe) a batch without an active row has out 0.
 
     Update rules (as the reference, fastsel/state.py): first observation sets the mean,
     variance 0; otherwise m += a*d, v = (1-a)*(v + a*d*d); p_true is the running mean over
-    every occurrence; seen += occurrences; last_epoch = epoch. The fold runs in float64
+    every occurrence; seen += occurrences; last_epoch = the 0-d ``epoch`` tensor's value
+    (read on the device, truncated to int32 as the reference's cast). The fold runs in float64
     (``ema`` and ``one_m_ema`` are float32 scalars, widened) and each result is stored
     saturated at +-STATE_MAX, so a finite observation never makes the state inf.
     """
@@ -388,12 +454,14 @@ def merge_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr,
         tl.store(s_var_ptr + t, v_new, mask=fold)
         tl.store(s_p_ptr + t, p_new, mask=fold)
         tl.store(s_seen_ptr + t, s_new, mask=fold)
+        epoch = tl.load(epoch_ptr).to(tl.int32)
         tl.store(s_last_ptr + t, tl.zeros([BLOCK], tl.int32) + epoch, mask=fold)
         tl.store(dup_ptr + t, tl.zeros([BLOCK], tl.int32), mask=fold)   # dup is 0 again
     # ---- this program's partial totals
     act = (f & FLAG_ACTIVE) != 0
     bi = (f & FLAG_BAD_INDEX) != 0
     bl = (f & FLAG_BAD_LABEL) != 0
+    st = (f & FLAG_STRAY) != 0
     pp = part_ptr + pid * P_STRIDE
     tl.store(pp + P_ROW, tl.sum(tl.load(row_ptr + rows, mask=rm, other=0.0), axis=0).to(tl.float64))
     tl.store(pp + P_WY, tl.sum(tl.load(wy_ptr + rows, mask=rm, other=0.0), axis=0).to(tl.float64))
@@ -404,20 +472,22 @@ def merge_update_kernel(flags_ptr, indices_ptr, labels_ptr, loss_ptr, ptrue_ptr,
     tl.store(pp + P_FBI, tl.min(tl.where(bi, rows, B), axis=0).to(tl.float64))
     tl.store(pp + P_NBL, tl.sum(bl.to(tl.int32), axis=0).to(tl.float64))
     tl.store(pp + P_FBL, tl.min(tl.where(bl, rows, B), axis=0).to(tl.float64))
+    tl.store(pp + P_NST, tl.sum(st.to(tl.int32), axis=0).to(tl.float64))
+    tl.store(pp + P_FST, tl.min(tl.where(st, rows, B), axis=0).to(tl.float64))
     tl.debug_barrier()
     nprog = tl.num_programs(0)
     ticket = tl.atomic_add(dup_ptr + N + DUP_TICKET, 1, sem="acq_rel")
     if ticket == nprog - 1:
         tl.store(dup_ptr + N + DUP_TICKET, 0)
         _totals(part_ptr, nprog, indices_ptr, labels_ptr, stats_ptr, errors_ptr, out_ptr,
-                scale_ptr, B, update, reduction, safe_mean, PBLOCK)
+                scale_ptr, rows_ptr, epoch_ptr, B, update, reduction, safe_mean, check, PBLOCK)
 
 
 @triton.jit
 def _totals(part_ptr, nprog, indices_ptr, labels_ptr, stats_ptr, errors_ptr, out_ptr, scale_ptr,
-            B, update, reduction, safe_mean, PBLOCK: tl.constexpr):
+            rows_ptr, epoch_ptr, B, update, reduction, safe_mean, check, PBLOCK: tl.constexpr):
     """The last program: the partials summed in program order (deterministic), then the
-    reduction, its scale, the epoch stats and the error counters."""
+    reduction, its scale, the epoch stats, the error counters and the row counters."""
     acc_row = tl.zeros([PBLOCK], tl.float64)
     acc_wy = tl.zeros([PBLOCK], tl.float64)
     acc_nf = tl.zeros([PBLOCK], tl.float64)
@@ -427,6 +497,8 @@ def _totals(part_ptr, nprog, indices_ptr, labels_ptr, stats_ptr, errors_ptr, out
     acc_nbl = tl.zeros([PBLOCK], tl.float64)
     acc_fbi = tl.zeros([PBLOCK], tl.float64) + B
     acc_fbl = tl.zeros([PBLOCK], tl.float64) + B
+    acc_nst = tl.zeros([PBLOCK], tl.float64)
+    acc_fst = tl.zeros([PBLOCK], tl.float64) + B
     for q0 in range(0, nprog, PBLOCK):
         q = q0 + tl.arange(0, PBLOCK)
         qm = q < nprog
@@ -440,14 +512,16 @@ def _totals(part_ptr, nprog, indices_ptr, labels_ptr, stats_ptr, errors_ptr, out
         acc_nbl += tl.load(base + P_NBL, mask=qm, other=0.0, volatile=True)
         acc_fbi = tl.minimum(acc_fbi, tl.load(base + P_FBI, mask=qm, other=B, volatile=True))
         acc_fbl = tl.minimum(acc_fbl, tl.load(base + P_FBL, mask=qm, other=B, volatile=True))
+        acc_nst += tl.load(base + P_NST, mask=qm, other=0.0, volatile=True)
+        acc_fst = tl.minimum(acc_fst, tl.load(base + P_FST, mask=qm, other=B, volatile=True))
     tot = tl.sum(acc_row, axis=0).to(tl.float32)
     den = tl.sum(acc_wy, axis=0).to(tl.float32)
+    n_act = tl.sum(acc_nf, axis=0) + tl.sum(acc_cnt, axis=0)   # active rows
     is_mean = reduction == REDUCTION_MEAN
+    scale = tl.where(is_mean, tl.where(n_act == 0.0, 0.0, 1.0 / den), 1.0)
     if safe_mean != 0:
-        scale = tl.where(is_mean, tl.where(den == 0.0, 0.0, 1.0 / den), 1.0)
         out = tot * scale
     else:
-        scale = tl.where(is_mean, 1.0 / den, 1.0)
         out = tl.where(is_mean, tot / den, tot)
     tl.store(out_ptr, out)
     tl.store(scale_ptr, scale)
@@ -472,6 +546,35 @@ def _totals(part_ptr, nprog, indices_ptr, labels_ptr, stats_ptr, errors_ptr, out
     v_bl = tl.load(labels_ptr + fb_l, mask=nb_l > 0, other=0).to(tl.int64)
     tl.store(errors_ptr + ERR_LABEL_VALUE, tl.where((e2 == 0) & (nb_l > 0), v_bl, e3))
     tl.store(errors_ptr + ERR_LABEL_COUNT, e2 + nb_l)
+    if check != 0:
+        _count_call(rows_ptr, epoch_ptr, indices_ptr, B, check,
+                    tl.sum(acc_nst, axis=0).to(tl.int64), tl.min(acc_fst, axis=0).to(tl.int64))
+
+
+@triton.jit
+def _count_call(rows_ptr, epoch_ptr, indices_ptr, B, check, n_stray, first_stray):
+    """The last program's row counters (``fastsel.ops``, as the reference's ``commit_rows``):
+    a call refused for room adds B to ``ROW_OVER_COUNT`` (the first such call also keeps the
+    position it would have reached, -1 without an epoch, and its epoch); the stray rows add
+    to ``ROW_STRAY_COUNT`` (the first one's sample kept); an admitted call adds B rows and
+    one call. ``_refused`` reads the counters as the rows kernel did: nothing wrote them."""
+    over = _refused(rows_ptr, B, check)
+    trained = tl.load(rows_ptr + ROW_TRAINED)
+    shard = tl.load(rows_ptr + ROW_SHARD)
+    o_cnt = tl.load(rows_ptr + ROW_OVER_COUNT)
+    first_over = over & (o_cnt == 0) & (B > 0)
+    at = tl.where(shard < 0, -1, trained + B)
+    tl.store(rows_ptr + ROW_OVER_VALUE, tl.where(first_over, at, tl.load(rows_ptr + ROW_OVER_VALUE)))
+    tl.store(rows_ptr + ROW_OVER_EPOCH, tl.where(first_over, tl.load(epoch_ptr).to(tl.int64),
+                                                 tl.load(rows_ptr + ROW_OVER_EPOCH)))
+    tl.store(rows_ptr + ROW_OVER_COUNT, o_cnt + tl.where(over, B, 0))
+    s_cnt = tl.load(rows_ptr + ROW_STRAY_COUNT)
+    v_st = tl.load(indices_ptr + first_stray, mask=n_stray > 0, other=0).to(tl.int64)
+    tl.store(rows_ptr + ROW_STRAY_VALUE, tl.where((s_cnt == 0) & (n_stray > 0), v_st,
+                                                  tl.load(rows_ptr + ROW_STRAY_VALUE)))
+    tl.store(rows_ptr + ROW_STRAY_COUNT, s_cnt + n_stray)
+    tl.store(rows_ptr + ROW_TRAINED, trained + tl.where(over, 0, B))
+    tl.store(rows_ptr + ROW_CALLS, tl.load(rows_ptr + ROW_CALLS) + tl.where(over, 0, 1))
 
 
 @triton.jit

@@ -16,7 +16,8 @@ from fastsel.cli import main
 TINY = [((8, 5), (8,)), ((2, 3, 4, 4), (2, 4, 4))]
 ROW_KEYS = {"kind", "backend", "device", "logits_shape", "target_shape", "fastsel_s", "bare_s", "ratio",
             "ratio_paired", "ratio_paired_iqr", "overhead_us", "host_s", "bare_host_s",
-            "ratio_min", "calls_per_block", "blocks", "N", "others_cpu_share", "target", "meets_target"}
+            "ratio_min", "calls_per_block", "blocks", "N", "others_cpu_share", "target", "meets_target",
+            "ratio_range", "ops_per_call", "ops", "bare_ops_per_call"}
 
 
 def test_rows_have_the_promised_structure():
@@ -32,15 +33,19 @@ def test_rows_have_the_promised_structure():
         assert r["blocks"] >= 5 and 1 <= r["calls_per_block"] <= 64 // ls[0]
         assert r["others_cpu_share"] is None or 0.0 <= r["others_cpu_share"] <= 1.0
         assert r["ratio_min"] > 0 and isinstance(r["meets_target"], bool) and r["target"].startswith("ratio <=")
+        assert r["ratio_range"][0] <= r["ratio_paired"] <= r["ratio_range"][1]
+        assert r["ops"][0] == "fastsel::ce_step_reference" and r["ops_per_call"] == len(r["ops"]) <= 3
+        assert r["bare_ops_per_call"] >= 3
     text = bench.format_loss_cost(rows)
     assert "8x5" in text and "2x3x4x4" in text and "reference" in text and "ratio" in text
     json.dumps(rows)
 
 
 def test_targets_follow_the_issue():
-    assert bench.loss_target("cpu", (256, 10)) == (1.5, None)
-    assert bench.loss_target("cpu", (256, 100)) == (1.10, None)
-    assert bench.loss_target("cpu", (16, 21, 64, 64)) == (1.10, None)
+    assert bench.loss_target("cpu", (1, 2)) == (1.25, None)
+    assert bench.loss_target("cpu", (256, 10)) == (1.0, None)
+    assert bench.loss_target("cpu", (256, 100)) == (1.0, None)
+    assert bench.loss_target("cpu", (16, 21, 64, 64)) == (1.0, None)
     assert bench.loss_target("cuda", (256, 1000)) == (None, 60.0)
 
 

@@ -22,6 +22,7 @@ from fastsel import layout
 from fastsel.backends import get_backend
 from fastsel.backends.base import state_args
 from fastsel.config import LossConfig
+from fastsel.rows import EpochRows
 from fastsel.state import SampleState
 from fastsel.threads import SERIAL_MAX_N
 
@@ -222,12 +223,14 @@ def test_kernels_register_whichever_loads_first(first):
         "from fastsel.state import SampleState",
         "from fastsel.backends.base import state_args",
         "st = SampleState(4)",
-        "out, grad, scale = torch.ops.fastsel.ce_step_csrc(torch.zeros(2, 3), torch.tensor([0, 2]),",
-        "    torch.tensor([1, 1]), *state_args(st), None, -100, 0.0, 0.5, 0, False, 0, True, True)",
+        "x = torch.zeros(2, 3, requires_grad=True)",
+        "out, grad, scale = torch.ops.fastsel.ce_step_csrc(x, torch.tensor([0, 2]),",
+        "    torch.tensor([1, 1]), *state_args(st), None, -100, 0.0, 0.5, 0, False, True, True)",
         "assert abs(float(out) - 1.0986123) < 1e-6 and float(scale) == 1.0, (out, scale)",
-        "assert int(st.seen[1]) == 2",
+        "assert int(st.seen[1]) == 2 and out.grad_fn is not None",
         "dump = torch._C._dispatch_dump('fastsel::ce_step_csrc')",
         "assert 'CPU: registered at' in dump and 'bindings.cpp' in dump, dump",
+        "assert 'Autograd[alias]: registered at' in dump and 'autograd.cpp' in dump, dump",
         "assert 'ops.py' in dump.split('CPU:')[0], dump  # the schema's registration",
         "print('ok')"])
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
@@ -246,15 +249,15 @@ def test_csrc_defines_no_schema():
 # ---- C++ input checks -----------------------------------------------------------------------
 
 STEP_ARGS = ["logits", "target", "indices", "loss", "loss_var", "p_true", "seen", "last_epoch",
-             "weight", "stats", "errors", "class_weight", "ignore_index", "label_smoothing", "ema",
-             "reduction", "strict", "epoch", "update", "need_grad"]
+             "weight", "stats", "errors", "member", "rows", "epoch", "class_weight", "ignore_index",
+             "label_smoothing", "ema", "reduction", "strict", "update", "need_grad"]
 
 
 def _step(x, y, i, state=None, impl="csrc", **over):
     """torch.ops.fastsel.ce_step_<impl> with defaults (mean, strict, update, need_grad), any
     argument replaced by name."""
     state = state or SampleState(50)
-    args = [x, y, i, *state_args(state), None, -100, 0.0, 0.1, REDUCTION["mean"], True, 0, True, True]
+    args = [x, y, i, *state_args(state), None, -100, 0.0, 0.1, REDUCTION["mean"], True, True, True]
     for k, v in over.items():
         args[STEP_ARGS.index(k)] = v
     return getattr(torch.ops.fastsel, f"ce_step_{impl}")(*args)
@@ -287,6 +290,11 @@ def _batch(b=8, c=5, n=50, seed=0):
     ("smoothing", r"label_smoothing must be in \[0, 1\], got 1.5"),
     ("ema", r"ema must be in \(0, 1\], got 0"),
     ("epoch", "epoch must fit in int32"),
+    ("epoch_dtype", r"epoch must be a 0-d int64 tensor \(fastsel.rows.EpochRows.epoch, or torch.tensor\(epoch\)\), "
+                    "got int32"),
+    ("member_alone", r"member and rows are given together \(the epoch's rows: fastsel.rows.EpochRows.args\(\)\)"),
+    ("member_size", r"member must be a contiguous uint8 vector of N \+ 1 = 51 entries"),
+    ("rows_dtype", r"rows must be a contiguous int64 vector of 8 entries .* got float32"),
     ("zero_classes", r"at least one class \(dim 1\), got shape \[8, 0\]"),
 ])
 def test_step_refuses_bad_arguments_clearly(case, match):
@@ -312,7 +320,11 @@ def test_step_refuses_bad_arguments_clearly(case, match):
         "reduction": {"reduction": 7},
         "smoothing": {"label_smoothing": 1.5},
         "ema": {"ema": 0.0},
-        "epoch": {"epoch": 2 ** 40},
+        "epoch": {"epoch": torch.tensor(2 ** 40)},
+        "epoch_dtype": {"epoch": torch.tensor(3, dtype=torch.int32)},
+        "member_alone": {"member": torch.ones(51, dtype=torch.uint8)},
+        "member_size": {"member": torch.ones(50, dtype=torch.uint8), "rows": EpochRows(50).counts},
+        "rows_dtype": {"member": EpochRows(50).member, "rows": torch.zeros(layout.ROW_SIZE)},
         "zero_classes": {"logits": torch.zeros(8, 0)},
     }[case]
     with pytest.raises(RuntimeError, match=match):
@@ -343,14 +355,24 @@ def test_check_state_and_the_ops_refuse_a_malformed_state(case, match):
            "errors": ("errors", torch.zeros(3, dtype=torch.long)),
            "too_short": ("loss", torch.zeros(1)), "loss_2d": ("loss", torch.zeros(51, 1))}[case]
     args[names.index(bad[0])] = bad[1]
-    _C.check_state(*state_args(st))  # a good state passes
+    _C.check_state(*state_args(st))  # a good state passes, with its epoch's rows too
+    _C.check_state(*state_args(st, 3, EpochRows(50)))
     with pytest.raises(RuntimeError, match=match):
         _C.check_state(*args)
     x, y, i = _batch()
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fastsel.ce_step_csrc(x, y, i, *args, None, -100, 0.0, 0.1, 0, False, 0, True, True)
+        torch.ops.fastsel.ce_step_csrc(x, y, i, *args, None, -100, 0.0, 0.1, 0, False, True, True)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fastsel.observe_csrc(torch.rand(8), None, i, *args, 0.1, 0, False, 0, True)
+        torch.ops.fastsel.observe_csrc(torch.rand(8), None, i, *args, 0.1, 0, False, True)
+
+
+@needs_c
+def test_check_state_checks_the_rows_given_with_it():
+    st = SampleState(50)
+    with pytest.raises(RuntimeError, match=r"fastsel state: member must be a contiguous uint8 vector of N \+ 1 = 51"):
+        _C.check_state(*state_args(st, 0, EpochRows(49)))
+    with pytest.raises(RuntimeError, match="fastsel state: epoch must be a 0-d int64 tensor"):
+        _C.check_state(*state_args(st, torch.tensor([0]), EpochRows(50)))
 
 
 @needs_c
@@ -359,7 +381,7 @@ def test_observe_refuses_bad_arguments_clearly():
     i = torch.arange(4)
 
     def obs(losses, probs=None, indices=i, reduction=0):
-        return torch.ops.fastsel.observe_csrc(losses, probs, indices, *state_args(st), 0.1, reduction, True, 0, True)
+        return torch.ops.fastsel.observe_csrc(losses, probs, indices, *state_args(st), 0.1, reduction, True, True)
     with pytest.raises(RuntimeError, match=r"losses must be 1-D \[batch\] .*got shape \[4, 1\]"):
         obs(torch.rand(4, 1))
     with pytest.raises(RuntimeError, match="losses must be a floating tensor, got int64"):

@@ -5,13 +5,19 @@
   reported as a deadlock) and checked against the reference ops: the two-launch step (every
   class-count path, float16/bfloat16, weights, smoothing, reductions, bad rows, strict mode,
   duplicates in and across warps and blocks, a batch of one index, update=False, B = 0) with
-  its scratch left zero after every step; the selection (three radix passes, the candidate
-  buffer, the order-preserving compaction, ties, NaN, +-inf, -0) and the shuffle (equal
-  uniforms keep their order), bit for bit.
+  its scratch left zero after every step; which rows count (the epoch's ``member`` mask,
+  ``rows`` counters and device ``epoch``): stray rows left out and counted (the first in row
+  order whatever the block order), a call without room left out whole and recorded, strict
+  mode's room / stray / range refusals in that order with nothing written, update=False;
+  the selection (three radix passes, the candidate buffer, the order-preserving compaction,
+  ties, NaN, +-inf, -0) and the shuffle (equal uniforms keep their order), bit for bit.
 * On a GPU (skipped without one): the ``cuda`` backend's ops against the reference at the
-  sizes bench/gpu_fastpath.py measures, a step captured in a CUDA graph and replayed against
-  the same steps run eagerly, and a capture without an eager warm-up refused clearly.
-* Everywhere: ``bench/gpu_fastpath.py --dry-run`` writes the results file's shape.
+  sizes bench/gpu_fastpath.py measures, with and without the epoch's rows, strict mode's
+  messages, a step captured in a CUDA graph and replayed (across an epoch change made in
+  place, and past the shard) against the same steps run eagerly, and a capture without an
+  eager warm-up refused clearly.
+* Everywhere: ``bench/gpu_fastpath.py --dry-run`` writes the results file's shape, the loss
+  calls' launches and host time included.
 """
 import ctypes
 import json
@@ -35,7 +41,9 @@ LOGITS_TYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 #: ``kernel<<<grid, block, smem, stream>>>(`` -> ``emu::launch(emu::Cfg{grid, block, smem, stream}, kernel, ``
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(")
 #: Bytes of the step's counters at the start of its control block (zero between steps).
-CTL_COUNTERS = 6 * 4 + 3 * 8
+CTL_COUNTERS = 8 * 4 + 5 * 8
+#: strict_errors' slots after the ERR_* ones (csrc/cuda_launch.h, StrictSlot).
+S_OVER, S_TRAINED, S_SHARD, S_STRAY_COUNT, S_STRAY_FIRST, S_EPOCH, STRICT_SIZE = range(4, 11)
 
 API = r'''
 #include <cstdint>
@@ -52,8 +60,8 @@ long long emu_step_group_bytes(long long b) { return step_group_bytes(b); }
 long long emu_step_rows_bytes(long long b) { return step_rows_bytes(b); }
 
 // p: logits labels indices class_weight | loss loss_var p_true seen last_epoch weight stats errors |
-//    grad per_row out grad_scale strict_errors | ctl slot group rows
-// iv: logits_type labels64 indices64 b c n ignore_index reduction strict update epoch
+//    grad per_row out grad_scale strict_errors | ctl slot group rows | member row_counts epoch
+// iv: logits_type labels64 indices64 b c n ignore_index reduction strict update
 int emu_step(void** p, const long long* iv, double label_smoothing, double ema) {
   StepArgs a{};
   a.logits = p[0];
@@ -71,7 +79,9 @@ int emu_step(void** p, const long long* iv, double label_smoothing, double ema) 
   a.reduction = static_cast<int>(iv[7]);
   a.strict = iv[8] != 0;
   a.update = iv[9] != 0;
-  a.epoch = static_cast<int32_t>(iv[10]);
+  a.member = static_cast<const uint8_t*>(p[21]);
+  a.row_counts = static_cast<int64_t*>(p[22]);
+  a.epoch = static_cast<const int64_t*>(p[23]);
   a.loss = static_cast<float*>(p[4]);
   a.loss_var = static_cast<float*>(p[5]);
   a.p_true = static_cast<float*>(p[6]);
@@ -207,9 +217,13 @@ def make_state(n, seed):
             torch.tensor([1.0, 4.5, 3.0], dtype=torch.float64), torch.zeros(layout.ERR_SIZE, dtype=torch.int64)]
 
 
+def _epoch(epoch):
+    return epoch if isinstance(epoch, torch.Tensor) else torch.tensor(int(epoch), dtype=torch.int64)
+
+
 def emu_step(lib, scratch, logits, target, indices, state, class_weight=None, ignore_index=-100,
              label_smoothing=0.0, ema=0.3, reduction="mean", strict=False, epoch=3, update=True,
-             need_grad=True):
+             need_grad=True, member=None, rows=None):
     """ce_step_csrc as cuda_glue.cpp runs it, on the emulated kernels: (out, grad, grad_scale,
     strict_errors); nothing raised (the caller checks strict_errors)."""
     b, c = logits.shape
@@ -219,13 +233,13 @@ def emu_step(lib, scratch, logits, target, indices, state, class_weight=None, ig
     out = torch.empty(b) if none else torch.empty(())
     grad_scale = torch.empty(())
     grad = torch.empty_like(logits) if need_grad else None
-    strict_errors = torch.full((layout.ERR_SIZE,), -7, dtype=torch.int64) if strict else None
+    strict_errors = torch.full((STRICT_SIZE,), -7, dtype=torch.int64) if strict else None
     ptrs = [logits, target, indices, class_weight, *state, grad, out if none else None,
             None if none else out, grad_scale, strict_errors, scratch.ctl, scratch.slot, scratch.group,
-            scratch.rows]
+            scratch.rows, member, rows, _epoch(epoch)]
     arr = (ctypes.c_void_p * len(ptrs))(*[None if t is None else t.data_ptr() for t in ptrs])
     ints = [LOGITS_TYPE[logits.dtype], target.dtype == torch.int64, indices.dtype == torch.int64, b, c, n,
-            ignore_index, RED[reduction], strict, update, epoch]
+            ignore_index, RED[reduction], strict, update]
     iv = (ctypes.c_longlong * len(ints))(*[int(v) for v in ints])
     _check_rc(lib, lib.emu_step(arr, iv, float(label_smoothing), float(ema)))
     scratch.assert_zero()
@@ -233,9 +247,10 @@ def emu_step(lib, scratch, logits, target, indices, state, class_weight=None, ig
 
 
 def ref_step(logits, target, indices, state, class_weight=None, ignore_index=-100, label_smoothing=0.0,
-             ema=0.3, reduction="mean", strict=False, epoch=3, update=True, need_grad=True):
-    return reference.ce_step(logits, target, indices, *state, class_weight, ignore_index, label_smoothing, ema,
-                             RED[reduction], strict, epoch, update, need_grad)
+             ema=0.3, reduction="mean", strict=False, epoch=3, update=True, need_grad=True, member=None,
+             rows=None):
+    return reference.ce_step(logits, target, indices, *state, member, rows, _epoch(epoch), class_weight,
+                             ignore_index, label_smoothing, ema, RED[reduction], strict, update, need_grad)
 
 
 def assert_states(got, want, tol=1.0):
@@ -355,11 +370,12 @@ def test_emulated_step_strict_mode_refuses_before_any_write(emu):
     st = make_state(23, 2)
     before = [t.clone() for t in st]
     _, _, _, se = emu_step(emu, s, x, y, i, st, strict=True)
-    assert se.tolist() == [2, int(i[3]), 1, int(y[4])]
+    assert se[:S_OVER].tolist() == [2, int(i[3]), 1, int(y[4])]
+    assert se[S_OVER:].tolist() == [0, 0, 0, 0, 0, 3]  # every row counts (no rows given): no room or stray figures
     assert_states(st, before)
     x, y, i = _batch(30, 12, 23, seed=5, dup_pool=6, bad=False)  # nothing bad: a normal step
     st_e, se = run_both(emu, s, x, y, i, strict=True)
-    assert se.tolist() == [0, 0, 0, 0]
+    assert se[:S_OVER].tolist() == [0, 0, 0, 0] and se[S_STRAY_COUNT] == 0
 
 
 def test_emulated_step_empty_batch(emu):
@@ -367,6 +383,157 @@ def test_emulated_step_empty_batch(emu):
     e = torch.empty(0, dtype=torch.int64)
     for reduction in ("mean", "sum", "none"):
         run_both(emu, s, torch.empty(0, 5), e, e, reduction=reduction)
+
+
+# ---- which rows count: member, rows, epoch (fastsel/ops.py) on the emulated kernels ------------
+
+def make_rows(n, seed, trained=0, shard=10 ** 6):
+    """EpochRows' tensors: ``member`` with about a third of the samples not selected, the counters."""
+    g = torch.Generator().manual_seed(seed)
+    member = (torch.rand(n + 1, generator=g) > 0.35).to(torch.uint8)
+    member[n] = 0
+    rows = torch.zeros(layout.ROW_SIZE, dtype=torch.int64)
+    rows[layout.ROW_TRAINED], rows[layout.ROW_SHARD] = trained, shard
+    return member, rows
+
+
+def run_rows(lib, scratch, x, y, i, member, rows, n=23, st=None, **kw):
+    """run_both with the epoch's rows: the counters too must equal the reference's; the
+    emulated call's counters are written back into ``rows``; returns strict_errors."""
+    st_e, st_r = (make_state(n, 0), make_state(n, 0)) if st is None else st
+    rows_e, rows_r = rows.clone(), rows.clone()
+    out, grad, scale, se = emu_step(lib, scratch, x, y, i, st_e, member=member, rows=rows_e, **kw)
+    ref_out, ref_grad, _ = ref_step(x, y, i, st_r, member=member, rows=rows_r, **kw)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6, equal_nan=True)
+    if kw.get("need_grad", True):
+        torch.testing.assert_close(grad.float() * scale, ref_grad.float(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert_states(st_e, st_r)
+    assert rows_e.tolist() == rows_r.tolist(), (rows_e.tolist(), rows_r.tolist())
+    rows.copy_(rows_e)
+    return se
+
+
+def _stray_batch(b, c, n, member, seed, strays=(), dup_pool=None):
+    """A batch of selected samples (member 1) but for the rows in ``strays``."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.nonzero(member[:n]).flatten()
+    other = torch.nonzero(member[:n] == 0).flatten()
+    pool = chosen[:dup_pool] if dup_pool else chosen
+    x = torch.randn(b, c, generator=g) * 3
+    y = torch.randint(0, c, (b,), generator=g)
+    i = pool[torch.randint(0, pool.numel(), (b,), generator=g)]
+    for k, r in enumerate(strays):
+        i[r] = other[k % min(2, other.numel())]  # two stray samples: stray duplicates too
+    return x, y, i
+
+
+@pytest.mark.parametrize("c", [3, 50, 1100])
+def test_emulated_step_stray_rows_left_out_and_counted(emu, c):
+    """Rows whose sample the epoch did not select add nothing (loss, divisor, gradient,
+    state) and are counted; the first one is the lowest row whatever the block order (the
+    grid is 3 blocks here, so later tiles run first half the time); calls accumulate, the
+    first stray sample kept; with bad rows, ignore_index, duplicates, int32 inputs."""
+    s = Scratch(emu)
+    n = 23
+    member, rows = make_rows(n, seed=c)
+    st = make_state(n, 0), make_state(n, 0)
+    for call, (b, strays) in enumerate([(300, (250, 130, 70, 71)), (90, (5, 6, 60)), (40, ())]):
+        x, y, i = _stray_batch(b, c, n, member, seed=call, strays=strays, dup_pool=6 if call else None)
+        if call == 1:
+            y[7] = -100                   # an ignored row
+            i[8] = n                      # out of range: an index error, not a stray row
+            y[5] = c + 4                  # a stray row's bad label is still a label error
+            y[9] = 2 if c > 2 else 0
+            kw = {"ignore_index": 2 if c > 2 else 0, "label_smoothing": 0.1}
+        else:
+            kw = {}
+        for red in ("mean", "sum", "none"):
+            r0 = rows.clone()
+            state_pair = tuple([t.clone() for t in half] for half in st)
+            run_rows(emu, s, x, y, i, member, r0, st=state_pair, reduction=red, **kw)
+        se = run_rows(emu, s, x.clone(), y.int(), i.int(), member, rows, st=st, epoch=5 + call, **kw)
+    assert rows[layout.ROW_STRAY_COUNT] == 7 and rows[layout.ROW_TRAINED] == 430 and rows[layout.ROW_CALLS] == 3
+    first = _stray_batch(300, c, n, member, seed=0, strays=(250, 130, 70, 71))[2][70]
+    assert rows[layout.ROW_STRAY_VALUE] == int(first)
+
+
+def test_emulated_step_a_call_without_room_is_left_out_whole(emu):
+    """No epoch in progress, or B past the shard: every row is left out (an all-masked mean:
+    NaN loss, a zero gradient), its range errors and non-finite rows are not recorded, the
+    state is untouched, and ROW_OVER_* record the first such call; an admitted call after it
+    counts as usual."""
+    s = Scratch(emu)
+    n = 23
+    member, rows = make_rows(n, seed=1, shard=-1)
+    member[:n] = 1
+    st = make_state(n, 0), make_state(n, 0)
+    x, y, i = _batch(37, 12, n, seed=3, dup_pool=5)   # with bad rows
+    x[0, 1] = float("nan")
+    for red in ("mean", "sum", "none"):
+        r0 = rows.clone()
+        run_rows(emu, s, x, y, i, member, r0, st=tuple([t.clone() for t in h] for h in st), reduction=red)
+        assert r0.tolist() == [0, -1, 0, 0, 0, 37, -1, 3]
+    out, grad, scale, _ = emu_step(emu, s, x, y, i, make_state(n, 0), member=member, rows=rows.clone())
+    assert torch.isnan(out) and float(scale) == 0.0 and torch.equal((grad * scale)[1:], torch.zeros(36, 12))
+    for call, (trained, shard, b) in enumerate([(0, -1, 37), (0, -1, 0), (40, 50, 11), (40, 50, 10), (50, 50, 0),
+                                                (50, 50, 1)]):
+        rows[layout.ROW_TRAINED], rows[layout.ROW_SHARD] = trained, shard
+        x, y, i = _batch(b, 7, n, seed=call, dup_pool=4)
+        run_rows(emu, s, x, y, i, member, rows, st=st, epoch=call)
+    assert rows.tolist() == [50, 50, 2, 0, 0, 37 + 11 + 1, -1, 0]
+
+
+def test_emulated_step_strict_rows_refuse_before_any_write(emu):
+    """Strict mode: no room, then stray rows, then range errors, each refusing the whole call
+    with nothing written (state, errors, stats, counters); strict_errors carries what the host
+    raises, the reference's messages."""
+    from fastsel.rows import room_message, stray_message
+    s = Scratch(emu)
+    n = 23
+    member, _ = make_rows(n, seed=2)
+    cases = [(-1, 0, ()), (100, 95, ()), (10 ** 6, 0, (40, 9)), (10 ** 6, 0, ())]
+    for shard, trained, strays in cases:
+        rows = torch.tensor([trained, shard, 4, 0, 0, 0, 0, 0], dtype=torch.int64)
+        x, y, i = _stray_batch(60, 9, n, member, seed=shard % 97, strays=strays)
+        y[20] = 9          # a bad label, refused last
+        st = make_state(n, 1)
+        before, rows_before = [t.clone() for t in st], rows.clone()
+        _, _, _, se = emu_step(emu, s, x, y, i, st, strict=True, member=member, rows=rows, epoch=6)
+        assert_states(st, before)
+        assert torch.equal(rows, rows_before)
+        assert se[S_EPOCH] == 6 and se[S_TRAINED] == trained and se[S_SHARD] == shard
+        with pytest.raises((ValueError, IndexError)) as ref:
+            ref_step(x, y, i, make_state(n, 1), strict=True, member=member, rows=rows.clone(), epoch=6)
+        if se[S_OVER]:
+            assert shard < 0 or trained + 60 > shard
+            assert str(ref.value) == room_message(60, 6, int(se[S_TRAINED]), int(se[S_SHARD]))
+            continue
+        if se[S_STRAY_COUNT]:
+            assert (se[S_STRAY_COUNT], se[S_STRAY_FIRST]) == (2, int(i[9]))
+            assert str(ref.value) == stray_message(int(se[S_STRAY_COUNT]), 6, int(se[S_STRAY_FIRST]))
+            continue
+        assert se[:S_OVER].tolist() == [0, 0, 1, 9] and "label" in str(ref.value).lower()
+    # A clean strict call counts as a non-strict one.
+    rows = torch.tensor([0, 10 ** 6, 0, 0, 0, 0, 0, 0], dtype=torch.int64)
+    x, y, i = _stray_batch(60, 9, n, member, seed=4)
+    se = run_rows(emu, s, x, y, i, member, rows, strict=True)
+    assert se[S_OVER:S_EPOCH].tolist() == [0, 0, 10 ** 6, 0, 0] and rows.tolist()[:3] == [60, 10 ** 6, 1]
+
+
+def test_emulated_step_update_false_ignores_the_rows(emu):
+    """update=False: no room or membership check (stray rows count in the loss), nothing
+    counted."""
+    s = Scratch(emu)
+    n = 23
+    member, rows = make_rows(n, seed=3, shard=-1)
+    x, y, i = _stray_batch(50, 6, n, member, seed=1, strays=(3, 30))
+    for red in ("mean", "none"):
+        run_rows(emu, s, x, y, i, member, rows, update=False, reduction=red)
+        out, _, _, _ = emu_step(emu, s, x, y, i, make_state(n, 0), update=False, reduction=red)
+        out_rows, _, _, _ = emu_step(emu, s, x, y, i, make_state(n, 0), update=False, reduction=red,
+                                     member=member, rows=rows)
+        assert torch.equal(out, out_rows)
+    assert rows.tolist() == [0, -1, 0, 0, 0, 0, 0, 0]
 
 
 # ---- the selection pass on the emulated kernels ----------------------------------------------
@@ -482,12 +649,63 @@ def test_gpu_step_matches_reference(b, c):
         for kw in ({}, {"reduction": "none", "label_smoothing": 0.1}, {"update": False}):
             st_c, st_r = _to(make_state(5000, 1), dev), _to(make_state(5000, 1), dev)
             red = RED[kw.get("reduction", "mean")]
-            args = (None, -100, kw.get("label_smoothing", 0.0), 0.3, red, False, 4, kw.get("update", True), True)
+            args = (None, None, torch.tensor(4, device=dev), None, -100, kw.get("label_smoothing", 0.0), 0.3, red,
+                    False, kw.get("update", True), True)
             out, grad, scale = _gpu_op("ce_step")(x, y, i, *st_c, *args)
             ref_out, ref_grad, _ = reference.ce_step(x, y, i, *st_r, *args)
             torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6, equal_nan=True)
             torch.testing.assert_close(grad * scale, ref_grad, rtol=1e-4, atol=1e-6, equal_nan=True)
             assert_states([t.cpu() for t in st_c], [t.cpu() for t in st_r])
+
+
+@needs_gpu
+@pytest.mark.parametrize("b,c", [(256, 10), (4096, 1000)])
+def test_gpu_step_rows_match_reference(b, c):
+    """The epoch's rows on the GPU: stray rows (duplicates, int32 indices), a call past the
+    shard, then no epoch, each call's counters equal to the reference's."""
+    dev, n = "cuda", 5000
+    member, rows = make_rows(n, seed=b)
+    rows[layout.ROW_SHARD] = 3 * b
+    member, rows_c, rows_r = member.to(dev), rows.to(dev), rows.to(dev).clone()
+    st_c, st_r = _to(make_state(n, 1), dev), _to(make_state(n, 1), dev)
+    for call in range(5):
+        x, y, i = _stray_batch(b, c, n, member.cpu(), seed=call, strays=(b - 1, b // 2, 7, 8),
+                               dup_pool=40 if call % 2 else None)
+        if call == 4:
+            rows_c[layout.ROW_SHARD] = rows_r[layout.ROW_SHARD] = -1
+        x, y, i = x.to(dev), y.to(dev), (i.int() if call == 1 else i).to(dev)
+        args = (torch.tensor(call, device=dev), None, -100, 0.0, 0.3, RED["mean"], False, True, True)
+        out, grad, scale = _gpu_op("ce_step")(x, y, i, *st_c, member, rows_c, *args)
+        ref_out, ref_grad, _ = reference.ce_step(x, y, i, *st_r, member, rows_r, *args)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(grad * scale, ref_grad, rtol=1e-4, atol=1e-6, equal_nan=True)
+        assert_states([t.cpu() for t in st_c], [t.cpu() for t in st_r])
+        assert rows_c.tolist() == rows_r.tolist(), call
+    assert rows_c[layout.ROW_OVER_COUNT] == 2 * b and rows_c[layout.ROW_STRAY_COUNT] == 12
+
+
+@needs_gpu
+def test_gpu_strict_rows_raise_the_reference_messages():
+    """Strict mode on the GPU: room, then stray rows, then range errors, with the reference's
+    types and words, and nothing written."""
+    dev, n, b = "cuda", 500, 64
+    member, _ = make_rows(n, seed=9)
+    for shard, strays, bad_label in ((-1, (), True), (10 ** 6, (30, 3), True), (10 ** 6, (), True)):
+        rows = torch.tensor([0, shard, 0, 0, 0, 0, 0, 0], dtype=torch.int64, device=dev)
+        x, y, i = _stray_batch(b, 10, n, member, seed=1, strays=strays)
+        if bad_label:
+            y[11] = 10
+        x, y, i = x.to(dev), y.to(dev), i.to(dev)
+        args = (torch.tensor(2, device=dev), None, -100, 0.0, 0.3, RED["mean"], True, True, True)
+        st = _to(make_state(n, 1), dev)
+        before = [t.clone() for t in st] + [rows.clone()]
+        with pytest.raises((ValueError, IndexError)) as got:
+            _gpu_op("ce_step")(x, y, i, *st, member.to(dev), rows, *args)
+        with pytest.raises((ValueError, IndexError)) as want:
+            reference.ce_step(x, y, i, *_to(make_state(n, 1), dev), member.to(dev), rows.clone(), *args)
+        assert type(got.value) is type(want.value) and str(got.value) == str(want.value)
+        for t, u in zip(st + [rows], before):
+            assert torch.equal(t, u)
 
 
 @needs_gpu
@@ -511,37 +729,60 @@ def test_gpu_step_captured_in_a_cuda_graph_replays_like_eager():
     batches = [_batch(b, c, n, seed=s, dup_pool=400) for s in range(4)]
     op = _gpu_op("ce_step")
 
-    def step(x, y, i, st):
-        return op(x, y, i, *st, None, -100, 0.0, 0.3, RED["mean"], False, 2, True, True)
+    # The epoch's rows, changed in place between calls as EpochRows does: a new epoch after
+    # two calls (member, counters and epoch), and a last call past the shard.
+    member0, _ = make_rows(n, seed=5)
+    epochs = [(2, member0, 0, 10 ** 6), None, (3, torch.ones(n + 1, dtype=torch.uint8), 0, b + b // 2), None]
 
-    eager = _to(make_state(n, 3), dev)
+    def rows_for():
+        return (torch.zeros(n + 1, dtype=torch.uint8, device=dev), torch.zeros(layout.ROW_SIZE, dtype=torch.int64,
+                device=dev), torch.zeros((), dtype=torch.int64, device=dev))
+
+    def open_epoch(rows, e):
+        if e is not None:
+            rows[0].copy_(e[1])
+            rows[1].zero_()
+            rows[1][layout.ROW_TRAINED], rows[1][layout.ROW_SHARD] = e[2], e[3]
+            rows[2].fill_(e[0])
+
+    def step(x, y, i, st, rows):
+        return op(x, y, i, *st, *rows, None, -100, 0.0, 0.3, RED["mean"], False, True, True)
+
+    eager, eager_rows = _to(make_state(n, 3), dev), rows_for()
     eager_out = []
-    for x, y, i in batches:
-        out, grad, scale = step(x.to(dev), y.to(dev), i.to(dev), eager)
-        eager_out.append((out.clone(), (grad * scale).clone()))
+    for (x, y, i), e in zip(batches, epochs):
+        open_epoch(eager_rows, e)
+        out, grad, scale = step(x.to(dev), y.to(dev), i.to(dev), eager, eager_rows)
+        eager_out.append((out.clone(), (grad * scale).clone(), eager_rows[1].clone()))
+    assert eager_out[-1][2][layout.ROW_OVER_COUNT] == b and eager_out[1][2][layout.ROW_STRAY_COUNT] > 0
 
-    graphed = _to(make_state(n, 3), dev)
+    graphed, g_rows = _to(make_state(n, 3), dev), rows_for()
+    open_epoch(g_rows, epochs[0])
     sx, sy, si = (t.to(dev).clone() for t in batches[0])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
-        warm = _to(make_state(n, 3), dev)
+        warm, warm_rows = _to(make_state(n, 3), dev), rows_for()
+        open_epoch(warm_rows, epochs[0])
         for _ in range(2):
-            step(sx, sy, si, warm)
+            step(sx, sy, si, warm, warm_rows)
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        g_out, g_grad, g_scale = step(sx, sy, si, graphed)
+        g_out, g_grad, g_scale = step(sx, sy, si, graphed, g_rows)
     # Capture recorded the step without running it: the state is untouched so far.
     assert_states([t.cpu() for t in graphed], make_state(n, 3))
-    for (x, y, i), (out, grad) in zip(batches, eager_out):
+    assert g_rows[1].tolist() == [0, 10 ** 6, 0, 0, 0, 0, 0, 0]
+    for (x, y, i), e, (out, grad, counts) in zip(batches, epochs, eager_out):
+        open_epoch(g_rows, e)
         sx.copy_(x)
         sy.copy_(y)
         si.copy_(i)
         g.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(g_out, out, rtol=0, atol=0)
+        torch.testing.assert_close(g_out, out, rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(g_grad * g_scale, grad, rtol=0, atol=0)
+        assert g_rows[1].tolist() == counts.tolist()
     # (float64 atomics sum a sample's duplicates: the same bits unless a sum is inexact)
     assert_states([t.cpu() for t in graphed], [t.cpu() for t in eager], tol=0.1)
 
@@ -557,7 +798,8 @@ def test_gpu_capture_without_warm_up_is_refused_clearly():
     g = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="warm-up"):
         with torch.cuda.graph(g):
-            _gpu_op("ce_step")(x, y, i, *st, None, -100, 0.0, 0.3, RED["mean"], False, 0, True, True)
+            _gpu_op("ce_step")(x, y, i, *st, None, None, torch.tensor(0, device=dev), None, -100, 0.0, 0.3,
+                               RED["mean"], False, True, True)
 
 
 # ---- the GPU script's results file, dry-run on the CPU ---------------------------------------
@@ -586,3 +828,11 @@ def test_gpu_fastpath_dry_run_writes_the_results_schema(tmp_path):
         sizes = {tuple(r[f] for f in size) for r in rows}
         for impl in {r["impl"] for r in rows}:
             assert {tuple(r[f] for f in size) for r in rows if r["impl"] == impl} == sizes, impl
+    # The whole loss call (sampler.loss + backward) of each fused backend: launches and host time.
+    calls = data["loss_calls"]
+    assert {(r["B"], r["C"]) for r in calls} == {(256, 10), (256, 100), (256, 1000)}
+    assert {r["impl"] for r in calls} == {"cuda"}  # triton needs a GPU
+    for r in calls:
+        assert {"host_us", "launches", "kernels", "copies", "syncs", "top"} <= set(r)
+        assert r["host_us"] > 0 and all(isinstance(r[f], (int, float)) and r[f] >= 0
+                                        for f in ("launches", "kernels", "copies", "syncs"))

@@ -3,7 +3,9 @@ level: ``torch.library.opcheck`` of every op (schema, mutations, fake kernel, au
 registration, AOT dispatch), and every op against the ``reference`` op on the same inputs:
 loss, gradient (through the registered autograd formula) and the resulting state, stats and
 errors, with duplicates, NaN/inf rows, low-precision logits and losses, sizes that are not
-powers of two, ignore_index, ``update=False`` and strict errors.
+powers of two, ignore_index, ``update=False`` and strict errors; and which rows count
+(``fastsel.ops``: the room and membership checks on an epoch's ``member`` and ``rows``):
+strict messages identical, the non-strict row counters, state, loss and gradient equal.
 
 Inputs are tiny: without a GPU the kernels run under Triton's interpreter (conftest).
 """
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 from fastsel import layout, ops
 from fastsel.backends import available
+from fastsel.rows import EpochRows, room_message, stray_message
 import fastsel.backends.reference  # noqa: F401  (registers the reference ops)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,25 +72,55 @@ def _g_out(out):
             ).reshape(out.shape)
 
 
-def _step(impl, logits, target, indices, state, *, cw=None, ii=-100, eps=0.0, ema=0.3,
-          red="mean", strict=False, epoch=4, update=True):
-    """One ce_step on a copy of ``state``: (out, d(out . g)/d(logits), state after)."""
+def _rows(rows=None, epoch=4):
+    """``member, rows, epoch`` as the ops take them: copies of an :class:`EpochRows`' (None:
+    every row counts) and ``epoch`` as a 0-d int64 tensor on the device."""
+    if rows is None:
+        return None, None, torch.tensor(epoch, device=DEV)
+    return rows.member.clone(), rows.counts.clone(), torch.tensor(epoch, device=DEV)
+
+
+def _epoch_rows(n, selection, *, shard=100, position=0, epoch=4):
+    """An epoch in progress over ``selection`` (None: no epoch), ``position`` of its
+    ``shard`` rows trained."""
+    r = EpochRows(n, DEV)
+    r.open(None if selection is None else torch.as_tensor(selection, device=DEV), epoch, shard,
+           position)
+    return r
+
+
+def _step_rows(impl, logits, target, indices, state, rows=None, *, cw=None, ii=-100, eps=0.0,
+               ema=0.3, red="mean", strict=False, epoch=4, update=True):
+    """One ce_step on copies of ``state`` and ``rows``: (out, d(out . g)/d(logits), state
+    after, row counters after (None without rows))."""
     x = logits.clone().requires_grad_(True)
     st = _clone(state)
-    out, _, _ = _op("ce_step", impl)(x, target, indices, *st, cw, ii, eps, ema, RED[red],
-                                     strict, epoch, update, True)
+    member, counts, ep = _rows(rows, epoch)
+    out, _, _ = _op("ce_step", impl)(x, target, indices, *st, member, counts, ep, cw, ii, eps,
+                                     ema, RED[red], strict, update, True)
     gx, = torch.autograd.grad(out, x, _g_out(out))
-    return out.detach(), gx, st
+    return out.detach(), gx, st, counts
 
 
-def _observe(impl, losses, probs, indices, state, *, ema=0.3, red="mean", strict=False,
-             epoch=4, update=True):
+def _step(*args, **kw):
+    """``_step_rows`` without rows: (out, gradient, state after)."""
+    return _step_rows(*args, **kw)[:3]
+
+
+def _observe_rows(impl, losses, probs, indices, state, rows=None, *, ema=0.3, red="mean",
+                  strict=False, epoch=4, update=True):
+    """One observe on copies: (out, d(out . g)/d(losses), row_scale, state, row counters)."""
     x = losses.clone().requires_grad_(True)
     st = _clone(state)
-    out, row_scale = _op("observe", impl)(x, probs, indices, *st, ema, RED[red], strict, epoch,
-                                          update)
+    member, counts, ep = _rows(rows, epoch)
+    out, row_scale = _op("observe", impl)(x, probs, indices, *st, member, counts, ep, ema,
+                                          RED[red], strict, update)
     gx, = torch.autograd.grad(out, x, _g_out(out))
-    return out.detach(), gx, row_scale, st
+    return out.detach(), gx, row_scale, st, counts
+
+
+def _observe(*args, **kw):
+    return _observe_rows(*args, **kw)[:4]
 
 
 def _batch(gen, b, c, n, dtype=torch.float32):
@@ -173,8 +206,8 @@ def test_strict_errors_raise_reference_message_state_untouched(gen, update):
         for impl in ("triton", "reference"):
             st = _clone(state)
             with pytest.raises(IndexError) as e:
-                _op("ce_step", impl)(logits, lab, idx, *st, None, -100, 0.0, 0.3, RED["mean"],
-                                     True, 4, update, True)
+                _op("ce_step", impl)(logits, lab, idx, *st, *_rows(), None, -100, 0.0, 0.3,
+                                     RED["mean"], True, update, True)
             _assert_state(st, state, exact=True)
             msgs.append(str(e.value))
         assert msgs[0] == msgs[1]
@@ -241,13 +274,14 @@ def test_direct_calls_with_bad_metadata_are_refused_unchanged(gen):
     n = 6
     logits, labels, indices = _batch(gen, 9, 5, n)
     state = _state(gen, n)
-    args = dict(cw=None, ii=-100, eps=0.0, ema=0.3, red=RED["mean"], strict=False, epoch=1,
-                update=True, need_grad=False)
+    rows = _epoch_rows(n, range(n))
+    args = dict(cw=None, ii=-100, eps=0.0, ema=0.3, red=RED["mean"], strict=False,
+                update=True, need_grad=False, rows=rows.args())
 
     def call(logits=logits, labels=labels, indices=indices, state=state, **kw):
         a = dict(args, **kw)
-        return _op("ce_step")(logits, labels, indices, *state, a["cw"], a["ii"], a["eps"],
-                              a["ema"], a["red"], a["strict"], a["epoch"], a["update"],
+        return _op("ce_step")(logits, labels, indices, *state, *a["rows"], a["cw"], a["ii"],
+                              a["eps"], a["ema"], a["red"], a["strict"], a["update"],
                               a["need_grad"])
 
     bad_state = list(_clone(state))
@@ -258,15 +292,25 @@ def test_direct_calls_with_bad_metadata_are_refused_unchanged(gen):
                       (dict(labels=labels[:-1]), r"target of class indices .* shape \(9,\)"),
                       (dict(logits=logits.double()), "logits must be float32, float16 or bfloat16"),
                       (dict(state=tuple(bad_state)), "state_seen must be a contiguous 1-D torch.int32"),
-                      (dict(state=state[:-1] + (state[-1][:3],)), "errors must be .* of 4 entries")):
+                      (dict(state=state[:-1] + (state[-1][:3],)), "errors must be .* of 4 entries"),
+                      (dict(rows=(None,) + rows.args()[1:]), "member and rows must be given together"),
+                      (dict(rows=(rows.member[:-1],) + rows.args()[1:]),
+                       r"member must be a contiguous torch.uint8 tensor of shape \(7,\)"),
+                      (dict(rows=(rows.member, rows.counts.int(), rows.epoch)),
+                       "rows must be a contiguous torch.int64 tensor of shape"),
+                      (dict(rows=(rows.member, rows.counts, rows.epoch.reshape(1))),
+                       r"epoch must be a contiguous torch.int64 tensor of shape \(\)")):
         before = _clone(kw.get("state", state))
+        counts = rows.counts.clone()
         with pytest.raises(ValueError, match=match):
             call(**kw)
         _assert_state(kw.get("state", state), before, exact=True)
+        assert torch.equal(rows.counts, counts)
     with pytest.raises(ValueError, match=r"losses must be a 1-D floating tensor"):
-        _op("observe")(labels, None, indices, *state, 0.3, RED["sum"], False, 1, True)
+        _op("observe")(labels, None, indices, *state, *_rows(), 0.3, RED["sum"], False, True)
     with pytest.raises(ValueError, match=r"probs must be None or a floating tensor of shape \(9,\)"):
-        _op("observe")(logits[:, 0], logits[:3, 0], indices, *state, 0.3, RED["sum"], False, 1, True)
+        _op("observe")(logits[:, 0], logits[:3, 0], indices, *state, *_rows(), 0.3, RED["sum"],
+                       False, True)
 
 
 # ---- observe -------------------------------------------------------------------------------
@@ -316,13 +360,202 @@ def test_observe_update_false_strict_and_no_active_row(gen):
         for impl in ("triton", "reference"):
             st = _clone(state)
             with pytest.raises(IndexError, match=f"indices: 1 sample index.*e.g. {n + 2}"):
-                _op("observe", impl)(losses, probs, indices, *st, 0.3, RED["mean"], True, 4, update)
+                _op("observe", impl)(losses, probs, indices, *st, *_rows(), 0.3, RED["mean"],
+                                     True, update)
             _assert_state(st, state, exact=True)
     # no active row under "mean": the spec's row scale 0 and out 0, no division by zero
     bad = torch.full((4,), -1, device=DEV)
     out, gx, row_scale, st = _observe("triton", losses[:4].nan_to_num(), None, bad, state)
     assert out.item() == 0 and row_scale.tolist() == [0.0] * 4 and gx.tolist() == [0.0] * 4
     _assert_state(st[:-1], state[:-1], exact=True)
+
+
+# ---- which rows count: the room and membership checks (fastsel.ops) -----------------------
+
+ROWS_N, ROWS_B, ROWS_C = 11, 13, 7   # none a power of two
+
+
+def _rows_batch(gen, n=ROWS_N, b=ROWS_B, c=ROWS_C, stray=1):
+    """_batch's rows (ignored rows, a bad index at row 7, a bad label at row 4) over indices
+    in [0, n): with the even samples selected, members and strays, each duplicated (rows 0,
+    1 and 2 are member 0; rows 3 and 5 the odd sample ``stray``, the first stray row)."""
+    logits, labels, _ = _batch(gen, b, c, n)
+    indices = torch.randint(0, n, (b,), generator=gen)
+    indices[[0, 1, 2]] = 0
+    indices[[3, 5]] = stray
+    indices[7] = -5
+    return logits, labels, indices.to(DEV)
+
+
+#: Rows of the two calls of each case (the second smaller: its refusal reaches elsewhere).
+ROWS_CALLS = (ROWS_B, ROWS_B - 4)
+#: (selection, shard, position) of the epoch the two calls meet. "stray": room for both,
+#: odd samples stray; "fits-once": the first call takes the shard to its end (admitted),
+#: the second is refused; "past-shard" and "no-epoch": both refused.
+ROWS_CASES = {
+    "stray": (range(0, ROWS_N, 2), 100, 5),
+    "fits-once": (range(0, ROWS_N, 2), 2 * ROWS_B - 1, ROWS_B - 1),
+    "past-shard": (range(ROWS_N), 20, 12),
+    "no-epoch": (None, 100, 0),
+}
+
+
+def _two_calls(op, impl, gen_batches, state, rows, **kw):
+    """Two calls of ``op`` on one copy of ``state`` and ``rows``: ([(out, grad)] per call,
+    state after, row counters after)."""
+    st = _clone(state)
+    member, counts, ep = _rows(rows)
+    res = []
+    for data in gen_batches:
+        x = data[0].clone().requires_grad_(True)
+        if op == "ce_step":
+            out = _op(op, impl)(x, data[1], data[2], *st, member, counts, ep, kw.get("cw"), -100,
+                                kw.get("eps", 0.0), 0.3, RED[kw["red"]], False, True, True)[0]
+        else:
+            out = _op(op, impl)(x, data[1], data[2], *st, member, counts, ep, 0.3, RED[kw["red"]],
+                                False, True)[0]
+        gx, = torch.autograd.grad(out, x, _g_out(out))
+        res.append((out.detach(), gx))
+    return res, st, counts
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(ROWS_CASES))
+@pytest.mark.parametrize("op", ["ce_step", "observe"])
+def test_rows_counted_and_left_out_as_reference(gen, op, case, reduction):
+    """Non-strict: rows a refused call or a stray index leaves out add nothing to the loss,
+    its gradient, the mean's divisor or the state; the ROW_* counters, state, stats and
+    errors equal the reference's after two calls (the first stray sample and the first
+    refused call's position are kept; a refused call's range errors are not recorded)."""
+    sel, shard, position = ROWS_CASES[case]
+    rows = _epoch_rows(ROWS_N, sel, shard=shard, position=position)
+    state = _state(gen, ROWS_N)
+    batches = []
+    for b, stray in zip(ROWS_CALLS, (1, 3)):
+        logits, labels, indices = _rows_batch(gen, b=b, stray=stray)
+        if op == "observe":
+            probs = None if stray == 1 else torch.rand(b, generator=gen).to(DEV)
+            batches.append((torch.rand(b, generator=gen).to(DEV) * 3, probs, indices))
+        else:
+            batches.append((logits, labels, indices))
+    kw = dict(red=reduction)
+    if op == "ce_step" and reduction == "mean":
+        kw.update(cw=(torch.rand(ROWS_C, generator=gen) + 0.5).to(DEV), eps=0.1)
+    (r1, s1, c1), (r2, s2, c2) = (_two_calls(op, impl, batches, state, rows, **kw)
+                                  for impl in ("triton", "reference"))
+    for (o1, g1), (o2, g2) in zip(r1, r2):
+        torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    _assert_state(s1, s2)
+    assert c1.tolist() == c2.tolist()
+    c = c1.tolist()
+    admitted = {"stray": 2, "fits-once": 1, "past-shard": 0, "no-epoch": 0}[case]
+    assert c[layout.ROW_OVER_COUNT] == sum(ROWS_CALLS[admitted:])
+    assert c[layout.ROW_CALLS] == admitted
+    assert c[layout.ROW_TRAINED] == position + sum(ROWS_CALLS[:admitted])
+    if admitted < 2:   # the first refused call's position and epoch
+        assert c[layout.ROW_OVER_EPOCH] == 4
+        assert c[layout.ROW_OVER_VALUE] == (-1 if sel is None else
+                                            c[layout.ROW_TRAINED] + ROWS_CALLS[admitted])
+    if admitted == 0:   # nothing written: no state, no stats, no errors
+        _assert_state(s1, state, exact=True)
+    if admitted and case != "past-shard":  # odd samples are stray, sample 1 first
+        assert c[layout.ROW_STRAY_VALUE] == 1 and c[layout.ROW_STRAY_COUNT] >= 2 * admitted
+
+
+@pytest.mark.parametrize("op", ["ce_step", "observe"])
+def test_rows_strict_messages_equal_reference_nothing_written(gen, op):
+    """Strict: a refused call (no epoch, past the shard) raises ``room_message``, a stray
+    row ``stray_message`` (before the range checks: a batch with both raises the stray
+    error), each the reference's text, with no state or counter written; a call without
+    a fault writes like the non-strict one."""
+    logits, labels, indices = _rows_batch(gen)
+    data = (torch.rand(ROWS_B, generator=gen).to(DEV), None) if op == "observe" else (logits, labels)
+    state = _state(gen, ROWS_N)
+    evens = range(0, ROWS_N, 2)
+    cases = [(_epoch_rows(ROWS_N, None), room_message(ROWS_B, 4, 0, -1)),
+             (_epoch_rows(ROWS_N, evens, shard=20, position=8), room_message(ROWS_B, 4, 8, 20)),
+             (_epoch_rows(ROWS_N, evens),
+              stray_message(int(((indices >= 0) & (indices % 2 == 1)).sum()), 4, 1))]
+
+    def call(impl, st, member, counts, strict=True, idx=indices):
+        ep = torch.tensor(4, device=DEV)
+        if op == "ce_step":
+            lab = data[1].clone()
+            lab[4] = 0     # no bad label: only the stray rows and the bad index are faults
+            return _op(op, impl)(data[0], lab, idx, *st, member, counts, ep, None, -100, 0.0, 0.3,
+                                 RED["mean"], strict, True, False)
+        return _op(op, impl)(data[0], None, idx, *st, member, counts, ep, 0.3, RED["mean"],
+                             strict, True)
+
+    for rows, want in cases:
+        msgs = []
+        for impl in ("triton", "reference"):
+            st = _clone(state)
+            member, counts, _ = _rows(rows)
+            with pytest.raises(ValueError) as e:
+                call(impl, st, member, counts)
+            _assert_state(st, state, exact=True)
+            assert torch.equal(counts, rows.counts)
+            msgs.append(str(e.value))
+        assert msgs[0] == msgs[1] == want
+    # no fault: strict writes what the non-strict call writes
+    members = indices.clamp(min=0) // 2 * 2    # selected samples only, none out of range
+    member_rows = _epoch_rows(ROWS_N, evens)
+    got = []
+    for strict in (True, False):
+        st = _clone(state)
+        member, counts, _ = _rows(member_rows)
+        out = call("triton", st, member, counts, strict, members)[0]
+        got.append((out, st, counts))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][2], got[1][2])
+    _assert_state(got[0][1], got[1][1], exact=True)
+    assert got[0][2].tolist()[:layout.ROW_CALLS + 1] == [ROWS_B, 100, 1]
+
+
+@pytest.mark.parametrize("op", ["ce_step", "observe"])
+def test_rows_update_false_neither_checked_nor_counted(gen, op):
+    """update=False with an epoch's rows: no check (strict raises nothing for the stray
+    rows, or with no epoch in progress), no count, the same loss and gradient as without
+    rows (every row counts)."""
+    logits, labels, indices = _rows_batch(gen)
+    labels[4], indices[7] = 0, 3     # no range error: strict would raise those
+    state = _state(gen, ROWS_N)
+    losses = torch.rand(ROWS_B, generator=gen).to(DEV)
+    for rows in (_epoch_rows(ROWS_N, range(0, ROWS_N, 2)), _epoch_rows(ROWS_N, None)):
+        res = []
+        for given in (rows, None):
+            if op == "ce_step":
+                o, g, st, counts = _step_rows("triton", logits, labels, indices, state, given,
+                                              update=False, strict=True)
+            else:
+                o, g, _, st, counts = _observe_rows("triton", losses, None, indices, state, given,
+                                                    update=False, strict=True)
+            res.append((o, g, st))
+            if given is not None:
+                assert torch.equal(counts, rows.counts)
+        torch.testing.assert_close(res[0][0], res[1][0], rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(res[0][1], res[1][1])
+        _assert_state(res[0][2], res[1][2], exact=True)
+
+
+@pytest.mark.parametrize("op", ["ce_step", "observe"])
+def test_rows_empty_call(gen, op):
+    """A call of no rows: admitted (one call, no rows) in an epoch in progress, refused
+    without one (nothing kept: the first refused call's position waits for one with rows),
+    as the reference."""
+    state = _state(gen, ROWS_N)
+    idx = torch.zeros(0, dtype=torch.int64, device=DEV)
+    data = ((torch.zeros(0, device=DEV), None) if op == "observe"
+            else (torch.zeros(0, ROWS_C, device=DEV), torch.zeros(0, dtype=torch.int64, device=DEV)))
+    for sel in (range(3), None):
+        rows = _epoch_rows(ROWS_N, sel, shard=5, position=5)
+        got = [_two_calls(op, impl, [(data[0], data[1], idx)], state, rows, red="sum")
+               for impl in ("triton", "reference")]
+        assert got[0][2].tolist() == got[1][2].tolist()
+        _assert_state(got[0][1], got[1][1], exact=True)
+        assert got[0][2][layout.ROW_CALLS] == (1 if sel is not None else 0)
+        assert got[0][2][layout.ROW_OVER_COUNT] == 0
 
 
 # ---- the selection pass ----------------------------------------------------------------------
@@ -370,8 +603,10 @@ def test_opcheck_ce_step(gen, reduction):
     x = logits.requires_grad_(True)
     cw = (torch.rand(5, generator=gen) + 0.5).to(DEV) if reduction == "mean" else None
     update = reduction != "sum"
-    _opcheck(_op("ce_step"), (x, labels, indices, *_state(gen, 8), cw, -100, 0.1, 0.3,
-                              RED[reduction], False, 2, update, True))
+    # opcheck calls the op many times: a shard with room for all of them
+    rows = _rows(_epoch_rows(8, [1, 3], shard=10**9, epoch=2) if update else None, 2)
+    _opcheck(_op("ce_step"), (x, labels, indices, *_state(gen, 8), *rows, cw, -100, 0.1, 0.3,
+                              RED[reduction], False, update, True))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -379,7 +614,8 @@ def test_opcheck_observe(gen, reduction):
     losses, probs, indices = _losses(gen, 11, 10, torch.float32)
     x = losses.nan_to_num(posinf=50.0).requires_grad_(True)  # opcheck compares without NaN
     p = probs if reduction == "none" else None
-    _opcheck(_op("observe"), (x, p, indices, *_state(gen, 10), 0.3, RED[reduction], False, 2,
+    rows = _rows(_epoch_rows(10, [1], shard=10**9, epoch=2), 2)
+    _opcheck(_op("observe"), (x, p, indices, *_state(gen, 10), *rows, 0.3, RED[reduction], False,
                               True))
 
 

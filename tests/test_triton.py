@@ -4,11 +4,13 @@
 
 In-batch top-k against ``torch.sort``; the radix selection on N not a power of two with
 heavy ties; C above one column chunk; the GPU tile configurations (forced under the
-interpreter) for the step and observe; int32 inputs and strided logits; the error vector
-and stats against the reference backend; the noise on extreme indices; the stats/errors
-slots read from ``fastsel.layout``; the launch structure (the step and observe are two
-launches forward, the merge a grid over the rows with no loop, no torch op that launches
-work besides the kernels; the selection four launches with a multi-block look-back); the
+interpreter) for the step and observe, and for which rows count (an epoch's ``rows``:
+stray rows across programs, a refused call, strict); int32 inputs and strided logits; the
+error vector and stats against the reference backend; the noise on extreme indices; the
+stats/errors/rows slots read from ``fastsel.layout``; the launch structure (the step and
+observe are two launches forward, with or without the epoch's rows, the merge a grid over
+the rows with no loop, no torch op that launches work besides the kernels; the selection
+four launches with a multi-block look-back); the
 scratch buffers left zero; and the AOT build of every kernel at every launcher
 configuration for sm_80 and sm_90, in a subprocess without TRITON_INTERPRET. Without a GPU
 everything but the AOT build runs under ``TRITON_INTERPRET=1`` (conftest).
@@ -228,6 +230,70 @@ def test_observe_gpu_tiles_under_interpreter(gen, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.skipif(DEV != "cpu", reason="forces GPU tile sizes under the interpreter")
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the refused call's 1/0
+def test_epoch_rows_at_gpu_tiles_equal_reference(gen, monkeypatch):
+    """Which rows count, at the launcher's GPU block sizes (64-row step programs, 256-row
+    merge programs), through ``Backend.step``/``observe`` with ``rows``: the first stray row
+    in the second merge program and stray duplicates across programs, then a call refused
+    for room; the row counters, state, loss and gradient equal the reference's, the merge
+    scratch is zero after each call; a strict call with a stray row raises the reference's
+    text, writes nothing and leaves the scratch zero."""
+    from fastsel.rows import EpochRows
+    monkeypatch.setattr(_tmod(), "interpreting", lambda: False)
+    n, c, b = 90, 10, 600
+    logits, labels, _ = _batch(gen, b, c, n)
+    selection = torch.arange(0, n, 3)               # every third sample
+    indices = selection[torch.randint(0, len(selection), (b,), generator=gen)]
+    indices[[300, 520, 599]] = 1                    # stray sample 1 (merge programs 1 and 2)
+    indices[[310, 40 + 256]] = torch.tensor([5, 7])  # ... then 5 and 7, before it in row 296
+    indices[[7, 8]] = torch.tensor([-1, n])         # out of range: errors, not stray
+    indices = indices.to(DEV)
+    losses = (torch.rand(b, generator=gen) * 3).to(DEV)
+    weight = torch.rand(n, generator=gen) * 2
+    res = []
+    for be in (_tb(), _ref()):
+        st = SampleState(n, DEV)
+        st.weight.copy_(weight)
+        rows = EpochRows(n, DEV)
+        rows.open(selection, 3, 2 * b + 100, 0)     # room for two calls of b rows
+        got = []
+        for red in ("mean", "none"):
+            x = logits.clone().requires_grad_(True)
+            out = be.step(x, labels, indices, st, LossConfig(reduction=red, strict=False),
+                          rows.epoch, rows=rows)
+            out.backward(torch.ones_like(out))
+            got.append((out.detach(), x.grad))
+        got.append((be.observe(losses, indices, st, LossConfig(strict=False), rows.epoch,
+                               rows=rows), None))  # refused: no room
+        if be.name == "triton":
+            assert _scratch_is_zero(st, n)
+        res.append((got, st, rows.counts.clone()))
+    (g1, s1, c1), (g2, s2, c2) = res
+    for (o1, x1), (o2, x2) in zip(g1, g2):
+        torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6, equal_nan=True)
+        if x1 is not None:
+            torch.testing.assert_close(x1, x2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    _assert_states_close(s1, s2)
+    assert c1.tolist() == c2.tolist()
+    assert c1[layout.ROW_STRAY_VALUE] == 7 and c1[layout.ROW_STRAY_COUNT] == 2 * 5
+    assert c1[layout.ROW_TRAINED] == 2 * b and c1[layout.ROW_CALLS] == 2
+    assert c1[layout.ROW_OVER_COUNT] == b and c1[layout.ROW_OVER_VALUE] == 3 * b
+    msgs = []
+    for be in (_tb(), _ref()):
+        st = SampleState(n, DEV)
+        rows = EpochRows(n, DEV)
+        rows.open(selection, 3, 2 * b, 0)
+        with pytest.raises(ValueError) as e:
+            be.step(logits, labels, indices, st, LossConfig(strict=True), rows.epoch, rows=rows)
+        msgs.append(str(e.value))
+        assert int(st.seen.sum()) == 0 and rows.counts[layout.ROW_TRAINED] == 0
+        if be.name == "triton":
+            assert _scratch_is_zero(st, n)
+    assert msgs[0] == msgs[1] and "5 row(s) are samples epoch 3 did not select, e.g. 7" in msgs[0]
+
+
+@needs_triton
 def test_int32_inputs_strided_logits_and_no_grad(gen):
     n, c = 50, 33
     logits0, labels, indices = _batch(gen, 64, c, n)
@@ -281,16 +347,20 @@ def test_strict_error_leaves_stats_and_errors_untouched(gen):
 
 
 def test_kernels_read_the_state_layout_from_fastsel_layout():
-    """The stats/errors slots are fastsel.layout's (one definition): the kernels index them
-    by its names, never by a number."""
+    """The stats/errors/rows slots are fastsel.layout's (one definition): the kernels index
+    them by its names, never by a number; the merge's partials fit the launcher's
+    workspace."""
     from fastsel.backends.triton import load_kernels
     src = open(os.path.join(ROOT, "kernels", "step.py")).read()
-    assert not re.search(r"(stats|errors)_ptr \+ \d", src)
+    assert not re.search(r"(stats|errors|rows)_ptr \+ \d", src)
     if HAS_TRITON:
         ks = load_kernels("step")
         for name in ("STAT_NONFINITE", "STAT_EPOCH_LOSS", "STAT_EPOCH_COUNT", "ERR_INDEX_COUNT",
-                     "ERR_INDEX_VALUE", "ERR_LABEL_COUNT", "ERR_LABEL_VALUE", "REDUCTION_MEAN"):
+                     "ERR_INDEX_VALUE", "ERR_LABEL_COUNT", "ERR_LABEL_VALUE", "REDUCTION_MEAN",
+                     "ROW_TRAINED", "ROW_SHARD", "ROW_CALLS", "ROW_STRAY_COUNT",
+                     "ROW_STRAY_VALUE", "ROW_OVER_COUNT", "ROW_OVER_VALUE", "ROW_OVER_EPOCH"):
             assert getattr(ks, name).value == getattr(layout, name), name
+        assert ks.P_STRIDE.value == load_kernels("configs").MERGE_PARTIALS
 
 
 # ---- launch structure and scratch (the two-launch step, the four-launch selection) --------
@@ -362,11 +432,14 @@ def _torch_ops_outside(rec, fn):
 @needs_triton
 @pytest.mark.skipif(DEV != "cpu", reason="forces GPU tile sizes under the interpreter")
 def test_step_is_two_launches_and_the_merge_a_grid_over_rows(gen, monkeypatch):
-    """Forward = the rows kernel + the merge kernel, whatever the reduction or update; the
-    merge's grid is cdiv(B, MERGE_BLOCK) programs with no loop over the batch (O(B) work,
-    no pairwise pass); no torch op besides allocations and views (no fill, no copy, no
-    sync) once the state's merge scratch exists; observe is two launches too."""
+    """Forward = the rows kernel + the merge kernel, whatever the reduction or update, with
+    or without the epoch's rows (the room and membership checks and the row counts happen
+    inside those two launches); the merge's grid is cdiv(B, MERGE_BLOCK) programs with no
+    loop over the batch (O(B) work, no pairwise pass); no torch op besides allocations and
+    views (no fill, no copy, no sync) once the state's merge scratch exists; observe is two
+    launches too. The calls with rows are checked (stray rows counted, the epoch written)."""
     from fastsel.backends.base import state_args
+    from fastsel.rows import EpochRows
     tmod = _tmod()
     cf = tmod.load_kernels("configs")
     monkeypatch.setattr(tmod, "interpreting", lambda: False)
@@ -374,25 +447,36 @@ def test_step_is_two_launches_and_the_merge_a_grid_over_rows(gen, monkeypatch):
     n, c = 700, 10
     st = SampleState(n, DEV)
     tmod.merge_scratch(st._seen, n)   # made (zeroed) once per state, on its first step
+    rows = EpochRows(n, DEV)
+    rows.open(torch.arange(0, n, 2, device=DEV), 6, 10**6, 0)
+    calls = 0
     for b in (1, 300, 1100):
         logits, labels, indices = _batch(gen, b, c, n)
         br = cf.step_blocks(c)[0]
-        for red, update in ((0, True), (2, False), (1, True)):
+        for epoch_rows in (None, rows):
+            args = state_args(st, 6, epoch_rows)   # outside: state_args makes the epoch tensor
+            for red, update in ((0, True), (2, False), (1, True)):
+                rec.log.clear()
+                ops, _ = _torch_ops_outside(rec, lambda: tmod.ce_step(
+                    logits, labels, indices, *args, None, -100, 0.0, 0.3, red, False, update,
+                    True))
+                assert rec.log == [("ce_step_kernel", (-(-b // br),)),
+                                   ("merge_update_kernel", (-(-b // cf.MERGE_BLOCK),))], rec.log
+                assert ops <= NO_LAUNCH, ops - NO_LAUNCH
+                calls += bool(update and epoch_rows is not None)
             rec.log.clear()
-            ops, _ = _torch_ops_outside(rec, lambda: tmod.ce_step(
-                logits, labels, indices, *state_args(st), None, -100, 0.0, 0.3, red, False, 1,
-                update, True))
-            assert rec.log == [("ce_step_kernel", (-(-b // br),)),
-                               ("merge_update_kernel", (-(-b // cf.MERGE_BLOCK),))], rec.log
+            losses = logits[:, 0].contiguous()
+            ops, _ = _torch_ops_outside(rec, lambda: tmod.observe(
+                losses, None, indices, *args, 0.3, 1, False, True))
+            assert rec.names() == ["observe_rows_kernel", "merge_update_kernel"]
             assert ops <= NO_LAUNCH, ops - NO_LAUNCH
-        rec.log.clear()
-        losses = logits[:, 0].contiguous()
-        ops, _ = _torch_ops_outside(rec, lambda: tmod.observe(
-            losses, None, indices, *state_args(st), 0.3, 1, False, 2, True))
-        assert rec.names() == ["observe_rows_kernel", "merge_update_kernel"]
-        assert ops <= NO_LAUNCH, ops - NO_LAUNCH
+            calls += epoch_rows is not None
     src = inspect.getsource(rec.kernels["merge_update_kernel"].fn)
     assert not re.search(r"^\s*(for|while)\b", src, re.M)   # one lane per row, no sweep
+    counts = rows.counts.tolist()
+    assert counts[layout.ROW_CALLS] == calls and counts[layout.ROW_STRAY_COUNT] > 0
+    assert counts[layout.ROW_TRAINED] == 3 * (1 + 300 + 1100)
+    assert int(st.last_epoch.max()) == 6
 
 
 def _scratch_is_zero(st, n):

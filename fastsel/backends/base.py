@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import abc
 import operator
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from .. import layout, ops
 from ..config import LossConfig
+from ..rows import EpochRows
 from ..state import SampleState
 
 #: The target forms of the fused step.
@@ -39,10 +40,16 @@ def check_k(k: Any, n: int) -> int:
     return min(kk, n)
 
 
-def state_args(state: SampleState) -> Tuple[torch.Tensor, ...]:
-    """The state's tensors in the op schemas' order (``ops.SCHEMAS``)."""
+def state_args(state: SampleState, epoch: Union[int, torch.Tensor] = 0,
+               rows: Optional[EpochRows] = None) -> Tuple[Optional[torch.Tensor], ...]:
+    """The state's tensors in the op schemas' order (``ops.SCHEMAS``), then ``member, rows,
+    epoch``: an :class:`EpochRows`' (None: every row counts) and the epoch as a 0-d tensor."""
     buf = state.buffers()
-    return tuple(buf[f] for f in layout.STEP_FIELDS) + (buf["weight"], state.stats, state.errors)
+    if not isinstance(epoch, torch.Tensor):
+        epoch = torch.tensor(int(epoch), dtype=torch.int64, device=state.device)
+    member, counts = (None, None) if rows is None else (rows.member, rows.counts)
+    return (tuple(buf[f] for f in layout.STEP_FIELDS)
+            + (buf["weight"], state.stats, state.errors, member, counts, epoch))
 
 
 class Backend(abc.ABC):
@@ -79,32 +86,29 @@ class Backend(abc.ABC):
         """Check the state's tensors once, when it is bound or moved (not on every step)."""
 
     # ---- the loss ops --------------------------------------------------------------------------
+    def step_impl(self, logits: torch.Tensor, target: torch.Tensor) -> str:
+        """The implementation that computes this target form on this device."""
+        return self.impl if target_form(logits, target) in self.step_forms else "reference"
+
+    def observe_impl(self, losses: torch.Tensor) -> str:
+        return self.impl if losses.device.type in self.observe_devices else "reference"
+
     def step(self, logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
-             state: SampleState, cfg: LossConfig, epoch: int, update: bool = True) -> torch.Tensor:
+             state: SampleState, cfg: LossConfig, epoch: Union[int, torch.Tensor] = 0,
+             update: bool = True, rows: Optional[EpochRows] = None) -> torch.Tensor:
         """The fused cross-entropy over any ``F.cross_entropy`` target, policy weights applied;
-        with ``update`` each sample's observation is folded into ``state``."""
-        impl = self.impl if target_form(logits, target) in self.step_forms else "reference"
-        need_grad = torch.is_grad_enabled() and logits.requires_grad
-        w = cfg.class_weight
-        if w is not None:
-            w = w.to(device=logits.device, dtype=torch.float32).contiguous()
-        out, _, _ = self.op("ce_step", impl)(
-            logits.contiguous(), target.contiguous(), indices.contiguous(), *state_args(state), w,
-            int(cfg.ignore_index), float(cfg.label_smoothing), float(cfg.ema),
-            layout.REDUCTIONS.index(cfg.reduction), bool(cfg.strict), int(epoch), bool(update),
-            need_grad)
-        return out
+        with ``update`` each sample's observation is folded into ``state``; ``rows``: the
+        epoch's rows (None: every row counts)."""
+        return ops.ce_step(self.step_impl(logits, target), logits, target, indices,
+                           state_args(state, epoch, rows), cfg, update)
 
     def observe(self, losses: torch.Tensor, indices: torch.Tensor, state: SampleState,
-                cfg: LossConfig, epoch: int, probs: Optional[torch.Tensor] = None,
-                update: bool = True) -> torch.Tensor:
+                cfg: LossConfig, epoch: Union[int, torch.Tensor] = 0,
+                probs: Optional[torch.Tensor] = None, update: bool = True,
+                rows: Optional[EpochRows] = None) -> torch.Tensor:
         """Per-sample losses of any loss into ``state``; the policy-weighted reduction."""
-        impl = self.impl if losses.device.type in self.observe_devices else "reference"
-        out, _ = self.op("observe", impl)(
-            losses.contiguous(), None if probs is None else probs.contiguous(),
-            indices.contiguous(), *state_args(state), float(cfg.ema),
-            layout.REDUCTIONS.index(cfg.reduction), bool(cfg.strict), int(epoch), bool(update))
-        return out
+        return ops.observe(self.observe_impl(losses), losses, probs, indices,
+                           state_args(state, epoch, rows), cfg, update)
 
     # ---- the selection pass --------------------------------------------------------------------
     def select(self, keys: torch.Tensor, k: int) -> torch.Tensor:

@@ -6,8 +6,12 @@ rows, then the duplicate merge and state update; csrc/README.md) and the selecti
 (radix threshold, order-preserving compaction, a stable sort of the winners); soft and
 K-dim targets and ``observe`` run on the ``reference`` ops on the same device until the GPU
 fast path covers them. Everything runs in the registered C++ op (no Python per call inside
-the op); no step needs a host synchronisation except strict mode's range check, so a step
-with ``strict=False`` can be captured in a CUDA graph after one eager warm-up call.
+the op); the step's two launches also make the checks of which rows count (the epoch's
+``member`` mask and ``rows`` counters, read and written on the device, and the epoch read
+from its 0-d device tensor). No step needs a host synchronisation except strict mode's
+checks, so a step with ``strict=False`` can be captured in a CUDA graph after one eager
+warm-up call, and the graph stays valid across epochs (``EpochRows`` changes its tensors in
+place).
 ``unavailable()`` says in one line why the backend cannot run.
 """
 from __future__ import annotations

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import layout, ops, rng
 from ..checks import raise_for_errors
+from ..rows import room_message, stray_message
 from .base import Backend
 
 #: The per-sample state as the ops take it: the STEP_FIELDS buffers, weight, stats, errors.
@@ -81,6 +82,49 @@ def check_or_record(errors: torch.Tensor, n: int, c: Optional[int], indices: tor
         errors[cnt] += found[cnt]
 
 
+def admit_rows(indices: torch.Tensor, bad_index: torch.Tensor, n: int, member: Optional[torch.Tensor],
+               rows: Optional[torch.Tensor], epoch: torch.Tensor, strict: bool, update: bool
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ops' room and membership checks (``fastsel.ops``): strict raises (nothing
+    written); returns (rows left out, bad indices still to report, whether the call is
+    refused for room), each a tensor. ``commit_rows`` writes the counts once the range
+    checks pass."""
+    b = indices.shape[0]
+    none = torch.zeros_like(bad_index)
+    if not update or rows is None:
+        return none, bad_index, torch.zeros((), dtype=torch.bool, device=indices.device)
+    trained, shard = rows[layout.ROW_TRAINED], rows[layout.ROW_SHARD]
+    over = (shard < 0) | (trained + b > shard)
+    if strict and bool(over):
+        raise ValueError(room_message(b, int(epoch), int(trained), int(shard)))
+    in_range = ~bad_index
+    stray = in_range & (member[torch.where(in_range, indices, n).long()] == 0) & ~over  # type: ignore[index]
+    if strict and bool(stray.any()):
+        raise ValueError(stray_message(int(stray.sum()), int(epoch), int(indices[stray][0])))
+    return stray | over, bad_index & ~over, over
+
+
+def commit_rows(rows: Optional[torch.Tensor], indices: torch.Tensor, left_out: torch.Tensor,
+                over: torch.Tensor, epoch: torch.Tensor, update: bool) -> None:
+    """Count an admitted call's rows and its stray rows, or a refused call (``ROW_*``)."""
+    if not update or rows is None:
+        return
+    b = indices.shape[0]
+    trained, shard = rows[layout.ROW_TRAINED], rows[layout.ROW_SHARD]
+    stray = left_out & ~over
+    first_over = over & (rows[layout.ROW_OVER_COUNT] == 0) & (b > 0)
+    at = torch.where(shard < 0, torch.full_like(trained, -1), trained + b)
+    rows[layout.ROW_OVER_VALUE] = torch.where(first_over, at, rows[layout.ROW_OVER_VALUE])
+    rows[layout.ROW_OVER_EPOCH] = torch.where(first_over, epoch.to(torch.int64), rows[layout.ROW_OVER_EPOCH])
+    rows[layout.ROW_OVER_COUNT] += torch.where(over, b, 0)
+    had_none = rows[layout.ROW_STRAY_COUNT] == 0
+    rows[layout.ROW_STRAY_VALUE] = torch.where(had_none & stray.any(), first_flagged(indices, stray),
+                                               rows[layout.ROW_STRAY_VALUE])
+    rows[layout.ROW_STRAY_COUNT] += stray.sum()
+    rows[layout.ROW_TRAINED] += torch.where(over, 0, b)
+    rows[layout.ROW_CALLS] += torch.where(over, 0, 1)
+
+
 def saturate(x: torch.Tensor) -> torch.Tensor:
     """``x`` as float32, a finite value beyond float32's range clamped to +-STATE_MAX
     instead of rounding to inf; NaN and +-inf stay as they are."""
@@ -97,7 +141,7 @@ def _ema_pair(ema: float) -> Tuple[float, float]:
 
 
 def update_state(state: StateTensors, indices: torch.Tensor, loss: torch.Tensor,
-                 p_true: torch.Tensor, obs: torch.Tensor, epoch: int, ema: float) -> None:
+                 p_true: torch.Tensor, obs: torch.Tensor, epoch: torch.Tensor, ema: float) -> None:
     """Fold one batch of per-row observations into the state (rows with ``obs`` false and
     rows targeting the scratch slot are left out).
 
@@ -126,7 +170,7 @@ def update_state(state: StateTensors, indices: torch.Tensor, loss: torch.Tensor,
     s_var.index_copy_(0, target, v_new)
     s_p.index_copy_(0, target, p_new)
     s_seen.index_copy_(0, target, s_new)
-    s_last.index_fill_(0, target, int(epoch))
+    s_last.index_fill_(0, target, epoch.to(device=s_last.device, dtype=s_last.dtype))
     # The scratch slot absorbed the padding groups; keep it neutral.
     for buf, v in ((s_loss, 0.0), (s_var, 0.0), (s_p, 0.0), (s_seen, 0), (s_last, -1)):
         buf[n] = v
@@ -135,7 +179,7 @@ def update_state(state: StateTensors, indices: torch.Tensor, loss: torch.Tensor,
 
 
 def observe_rows(state: StateTensors, safe_idx: torch.Tensor, loss: torch.Tensor,
-                 p_true: torch.Tensor, active: torch.Tensor, epoch: int, ema: float) -> None:
+                 p_true: torch.Tensor, active: torch.Tensor, epoch: torch.Tensor, ema: float) -> None:
     """Active rows with a finite loss and p_true enter the state; the others are counted."""
     finite = torch.isfinite(loss) & torch.isfinite(p_true)
     state[6][layout.STAT_NONFINITE] += (active & ~finite).sum()
@@ -155,8 +199,9 @@ def _smoothed_targets(logp: torch.Tensor, labels: Optional[torch.Tensor],
 def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
             s_loss: torch.Tensor, s_var: torch.Tensor, s_p: torch.Tensor, s_seen: torch.Tensor,
             s_last: torch.Tensor, s_weight: torch.Tensor, stats: torch.Tensor, errors: torch.Tensor,
+            member: Optional[torch.Tensor], rows: Optional[torch.Tensor], epoch: torch.Tensor,
             class_weight: Optional[torch.Tensor], ignore_index: int, label_smoothing: float,
-            ema: float, reduction: int, strict: bool, epoch: int, update: bool, need_grad: bool
+            ema: float, reduction: int, strict: bool, update: bool, need_grad: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fastsel::ce_step_reference``: cross-entropy as ``F.cross_entropy`` over any target,
     policy weights applied, the analytic gradient, and each sample's observation."""
@@ -168,9 +213,10 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
     soft = target.is_floating_point()
     # One row of C logits per element (b, position): [B * D, C].
     x = logits.float()
-    rows = x.movedim(1, -1).reshape(-1, c) if logits.dim() > 2 else x
+    flat = x.movedim(1, -1).reshape(-1, c) if logits.dim() > 2 else x
     bad_index = (indices < 0) | (indices >= n)
-    bad_index_e = bad_index.repeat_interleave(d)
+    left_out, bad_index, over = admit_rows(indices, bad_index, n, member, rows, epoch, strict, update)
+    bad_index_e = (bad_index | left_out).repeat_interleave(d)
     if soft:
         probs = target.float()
         probs = probs.movedim(1, -1).reshape(-1, c) if logits.dim() > 2 else probs
@@ -182,10 +228,12 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
         not_ignored = labels != ignore_index
         bad_label = not_ignored & ((labels < 0) | (labels >= c))
         active = not_ignored & ~bad_label & ~bad_index_e
+        bad_label = bad_label & ~over
     check_or_record(errors, n, None if soft else c, indices, bad_index, labels, bad_label, strict)
-    safe_idx = torch.where(bad_index, torch.full_like(indices, n), indices).to(torch.int64)
+    commit_rows(rows, indices, left_out, over, epoch, update)
+    safe_idx = torch.where(bad_index | left_out, torch.full_like(indices, n), indices).to(torch.int64)
     pw = s_weight[safe_idx].repeat_interleave(d)
-    logp = F.log_softmax(rows, dim=1)
+    logp = F.log_softmax(flat, dim=1)
     eps = float(label_smoothing)
     w = None if class_weight is None else class_weight.float()
     tp = None  # the smoothed target distribution, built once when needed
@@ -222,7 +270,7 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
         if tp is None:
             tp = _smoothed_targets(logp, y, None, eps)
         wt = tp if w is None else tp * w
-        s = torch.where(active, pw, zero) * scale
+        s = torch.where(active, pw * scale, zero)  # an all-masked mean: 0, not 0 * inf
         g = s.unsqueeze(1) * (wt.sum(dim=1, keepdim=True) * logp.exp() - wt)
         if logits.dim() > 2:
             g = g.reshape((b,) + tuple(logits.shape[2:]) + (c,)).movedim(-1, 1)
@@ -247,15 +295,18 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
 def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.Tensor,
             s_loss: torch.Tensor, s_var: torch.Tensor, s_p: torch.Tensor, s_seen: torch.Tensor,
             s_last: torch.Tensor, s_weight: torch.Tensor, stats: torch.Tensor, errors: torch.Tensor,
-            ema: float, reduction: int, strict: bool, epoch: int, update: bool
+            member: Optional[torch.Tensor], rows: Optional[torch.Tensor], epoch: torch.Tensor,
+            ema: float, reduction: int, strict: bool, update: bool
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``fastsel::observe_reference``: per-sample losses of any loss into the state; returns
     the policy-weighted reduction and its derivative per row."""
     state = (s_loss, s_var, s_p, s_seen, s_last, s_weight, stats, errors)
     n = s_loss.shape[0] - 1
     bad_index = (indices < 0) | (indices >= n)
+    left_out, bad_index, over = admit_rows(indices, bad_index, n, member, rows, epoch, strict, update)
     check_or_record(errors, n, None, indices, bad_index, None, None, strict)
-    active = ~bad_index
+    commit_rows(rows, indices, left_out, over, epoch, update)
+    active = ~bad_index & ~left_out
     safe_idx = torch.where(active, indices, torch.full_like(indices, n)).to(torch.int64)
     loss = losses.float()
     # The observation saturates where float32 cannot hold a finite value (finite in, finite

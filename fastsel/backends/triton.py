@@ -8,8 +8,12 @@ kernel, then the duplicate merge, state fold and reduction (``fastsel.kernels.st
 the design: a per-state int32 count scratch left at zero, owner election by compare-and-
 swap, float64 group sums by atomics, the last program finishing the totals); other target
 forms run on the ``reference`` op. ``observe_triton`` builds the same per-row arrays with
-one small kernel and reuses the merge. No host sync unless ``strict`` (which checks the
-indices and labels first, before any launch). The gradient is returned unscaled by the
+one small kernel and reuses the merge. Which rows count (``fastsel.ops``: the room and
+membership checks of an update call given its epoch's ``member`` and ``rows``, and the
+``ROW_*`` counts) is decided inside the same two launches, on the device; ``last_epoch``
+comes from the 0-d ``epoch`` tensor, read by the merge kernel. No host sync unless
+``strict`` (which checks room, membership, indices and labels first, before any launch,
+with the reference's messages). The gradient is returned unscaled by the
 reduction, with its scale (a 0-d device tensor) beside it; the autograd formula is
 ``fastsel.ops``'s. ``select_triton`` is a four-launch radix threshold select
 (``fastsel.kernels.select``) and a stable sort of the winners' 32-bit keys for the rank
@@ -117,6 +121,27 @@ def _check_indices(indices: torch.Tensor, b: int, device: torch.device, rows: st
                          f"{tuple(indices.shape)} on {indices.device}")
 
 
+def _check_rows(member: Optional[torch.Tensor], rows: Optional[torch.Tensor],
+                epoch: torch.Tensor, n: int, device: torch.device) -> bool:
+    """Whether the call checks and counts its rows (``member`` and ``rows`` given, None
+    together); refuses tensors the kernels would read out of bounds or off the device. A
+    few attribute reads, no sync."""
+    if (member is None) != (rows is None):
+        raise ValueError("member and rows must be given together (an epoch's EpochRows.args()) "
+                         f"or both be None (every row counts); got member "
+                         f"{'None' if member is None else 'a tensor'} and rows "
+                         f"{'None' if rows is None else 'a tensor'}")
+    for name, t, dt, shape in (("member", member, torch.uint8, (n + 1,)),
+                               ("rows", rows, torch.int64, (layout.ROW_SIZE,)),
+                               ("epoch", epoch, torch.int64, ())):
+        if t is not None and (t.dtype != dt or tuple(t.shape) != shape or t.device != device
+                              or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {dt} tensor of shape {shape} on "
+                             f"{device} (fastsel.backends.base.state_args), got {t.dtype} of "
+                             f"shape {tuple(t.shape)} on {t.device}")
+    return rows is not None
+
+
 def _check_reduction(reduction: int) -> None:
     if reduction not in (layout.REDUCTION_MEAN, layout.REDUCTION_SUM, layout.REDUCTION_NONE):
         raise ValueError(f"reduction must be one of {dict(enumerate(layout.REDUCTIONS))} "
@@ -183,25 +208,40 @@ def _merge_grid(b: int) -> Tuple[int, int, int, int]:
     return _cdiv(max(1, b), blk), blk, pblk, warps
 
 
+def _row_args(w: _Workspace, member: Optional[torch.Tensor], rows: Optional[torch.Tensor],
+              errors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(member, rows) for the kernels: without them, views of buffers of the same dtypes
+    that the kernels never read (``check`` 0), so no other specialisation compiles."""
+    if rows is None:
+        return w.flags.view(torch.uint8), errors
+    return member, rows  # type: ignore[return-value]
+
+
 def _merge_update(ks: ModuleType, w: _Workspace, indices, labels, state, dup, scale,
-                  b: int, n: int, nprog: int, blk: int, pblk: int, warps: int, ema: float,
-                  reduction: int, safe_mean: bool, epoch: int, update: bool) -> None:
+                  rows: torch.Tensor, epoch: torch.Tensor, b: int, n: int, nprog: int, blk: int,
+                  pblk: int, warps: int, ema: float, reduction: int, safe_mean: bool,
+                  update: bool, check: bool) -> None:
     """The second launch: the duplicate merge and state fold of every observed row, the
-    batch totals and the reduction into ``w.total`` and ``scale``."""
+    batch totals and the reduction into ``w.total`` and ``scale``, and (``check``) the
+    row counters in ``rows``."""
     s_loss, s_var, s_p, s_seen, s_last, _, stats, errors = state
     ks.merge_update_kernel[(nprog,)](
         w.flags, indices, labels, w.loss, w.p_true, w.per_row, w.wy, s_loss, s_var, s_p, s_seen,
-        s_last, stats, errors, w.total, scale, dup, w.acc, w.grp, w.part,
-        b, n, int(epoch), ema, 1.0 - ema, int(bool(update)), reduction, int(safe_mean),
+        s_last, stats, errors, w.total, scale, dup, w.acc, w.grp, w.part, rows, epoch,
+        b, n, ema, 1.0 - ema, int(bool(update)), reduction, int(safe_mean), int(check),
         BLOCK=blk, PBLOCK=pblk, num_warps=warps, enable_fp_fusion=False)
 
 
 def _strict_check(indices: torch.Tensor, labels: Optional[torch.Tensor], n: int,
-                  c: Optional[int], ignore_index: int) -> None:
-    """Strict mode: raise the reference's IndexError for a bad index or label before any
-    launch (so nothing is written and the merge scratch stays zero). One host sync."""
-    from .reference import check_or_record
+                  c: Optional[int], ignore_index: int, member: Optional[torch.Tensor],
+                  rows: Optional[torch.Tensor], epoch: torch.Tensor, update: bool) -> None:
+    """Strict mode: raise the reference's ValueError for a call refused for room or a stray
+    row, then its IndexError for a bad index or label, before any launch (so nothing is
+    written and the merge scratch stays zero): the reference's own checks, so the same
+    order and messages. Host syncs."""
+    from .reference import admit_rows, check_or_record
     bad_index = (indices < 0) | (indices >= n)
+    _, bad_index, _ = admit_rows(indices, bad_index, n, member, rows, epoch, True, update)
     bad_label = None
     if labels is not None:
         bad_label = (labels != ignore_index) & ((labels < 0) | (labels >= c))
@@ -212,9 +252,10 @@ def _strict_check(indices: torch.Tensor, labels: Optional[torch.Tensor], n: int,
 def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
             s_loss: torch.Tensor, s_var: torch.Tensor, s_p: torch.Tensor, s_seen: torch.Tensor,
             s_last: torch.Tensor, s_weight: torch.Tensor, stats: torch.Tensor,
-            errors: torch.Tensor, class_weight: Optional[torch.Tensor], ignore_index: int,
-            label_smoothing: float, ema: float, reduction: int, strict: bool, epoch: int,
-            update: bool, need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            errors: torch.Tensor, member: Optional[torch.Tensor], rows: Optional[torch.Tensor],
+            epoch: torch.Tensor, class_weight: Optional[torch.Tensor], ignore_index: int,
+            label_smoothing: float, ema: float, reduction: int, strict: bool, update: bool,
+            need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fastsel::ce_step_triton``: class-index targets of 2-D logits in two launches; other
     target forms on ``fastsel::ce_step_reference``. Returns (out, gradient unscaled by the
     reduction, its 0-d scale)."""
@@ -222,8 +263,8 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
     if logits.dim() != 2 or target.is_floating_point():
         from . import reference  # noqa: F401  (registers the reference ops)
         return ops.get("ce_step", "reference")(
-            logits, target, indices, *state, class_weight, ignore_index, label_smoothing, ema,
-            reduction, strict, epoch, update, need_grad)
+            logits, target, indices, *state, member, rows, epoch, class_weight, ignore_index,
+            label_smoothing, ema, reduction, strict, update, need_grad)
     dev = logits.device
     b, c = logits.shape
     if logits.dtype not in _LOGITS or c < 1:
@@ -240,6 +281,7 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
                          f"{dev}, got shape {tuple(class_weight.shape)} on {class_weight.device}")
     _check_reduction(reduction)
     n = _check_state(state, dev)
+    check = _check_rows(member, rows, epoch, n, dev) and bool(update)
 
     ks = load_kernels("step")
     cf = _configs()
@@ -251,9 +293,11 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
     nb = max(1, b)
     with _device_guard(dev):
         if strict:
-            _strict_check(indices, target, n, c, int(ignore_index))
+            _strict_check(indices, target, n, c, int(ignore_index), member, rows, epoch,
+                          bool(update))
         nprog, blk, pblk, mwarps = _merge_grid(b)
         w = _Workspace(b, dev, per_elem, 0, nprog, cf.MERGE_PARTIALS)
+        k_member, k_rows = _row_args(w, member, rows, errors)
         dup = merge_scratch(s_seen, n)
         scale = torch.empty((), dtype=torch.float32, device=dev)
         grad = torch.empty((b, c), dtype=x.dtype, device=dev) if need_grad else x.new_empty((0,))
@@ -261,18 +305,20 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
         ks.ce_step_kernel[(_cdiv(nb, br),)](
             x, x.stride(0), target, indices, s_weight, cw if cw is not None else w.loss,
             w.loss, w.p_true, w.per_row, w.wy, w.flags, grad if need_grad else w.loss,
-            dup, w.acc, w.grp, b, c, n, int(ignore_index), eps, 1.0 - eps, int(bool(update)),
+            dup, w.acc, w.grp, k_member, k_rows, b, c, n, int(ignore_index), eps, 1.0 - eps,
+            int(bool(update)), int(check),
             HAS_CW=cw is not None, SMOOTH=eps != 0.0, WRITE_GRAD=bool(need_grad),
             BLOCK_R=br, BLOCK_C=bc, SINGLE=single, num_warps=warps)
-        _merge_update(ks, w, indices, target, state, dup, scale, b, n, nprog, blk, pblk, mwarps,
-                      float(ema), int(reduction), False, epoch, bool(update))
+        _merge_update(ks, w, indices, target, state, dup, scale, k_rows, epoch, b, n, nprog,
+                      blk, pblk, mwarps, float(ema), int(reduction), False, bool(update), check)
     return w.out, grad, scale
 
 
 def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.Tensor,
             s_loss: torch.Tensor, s_var: torch.Tensor, s_p: torch.Tensor, s_seen: torch.Tensor,
             s_last: torch.Tensor, s_weight: torch.Tensor, stats: torch.Tensor,
-            errors: torch.Tensor, ema: float, reduction: int, strict: bool, epoch: int,
+            errors: torch.Tensor, member: Optional[torch.Tensor], rows: Optional[torch.Tensor],
+            epoch: torch.Tensor, ema: float, reduction: int, strict: bool,
             update: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """``fastsel::observe_triton``: per-row arrays by ``observe_rows_kernel``, then the step's
     ``merge_update_kernel``. Returns (out, d(out)/d(losses) per row)."""
@@ -290,6 +336,7 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
     _check_indices(indices, b, dev, "losses")
     _check_reduction(reduction)
     n = _check_state(state, dev)
+    check = _check_rows(member, rows, epoch, n, dev) and bool(update)
 
     ks = load_kernels("step")
     cf = _configs()
@@ -299,19 +346,21 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
     nb = max(1, b)
     with _device_guard(dev):
         if strict:
-            _strict_check(indices, None, n, None, 0)
+            _strict_check(indices, None, n, None, 0, member, rows, epoch, bool(update))
         nprog, blk, pblk, mwarps = _merge_grid(b)
         w = _Workspace(b, dev, per_elem, 1, nprog, cf.MERGE_PARTIALS)
+        k_member, k_rows = _row_args(w, member, rows, errors)
         dup = merge_scratch(s_seen, n)
         inv = w.spare[0]                      # 1/(active rows) under "mean", else 1
         row_scale = torch.empty(b, dtype=torch.float32, device=dev)
         oblk, warps = cf.observe_blocks(b, interpreting())
         ks.observe_rows_kernel[(_cdiv(nb, oblk),)](
             losses, probs if probs is not None else losses, indices, s_weight,
-            w.loss, w.p_true, w.per_row, w.wy, w.flags, row_scale, dup, w.acc, w.grp, b, n,
-            int(bool(update)), HAS_PROBS=probs is not None, BLOCK=oblk, num_warps=warps)
-        _merge_update(ks, w, indices, indices, state, dup, inv, b, n, nprog, blk, pblk, mwarps,
-                      float(ema), int(reduction), True, epoch, bool(update))
+            w.loss, w.p_true, w.per_row, w.wy, w.flags, row_scale, dup, w.acc, w.grp, k_member,
+            k_rows, b, n, int(bool(update)), int(check), HAS_PROBS=probs is not None,
+            BLOCK=oblk, num_warps=warps)
+        _merge_update(ks, w, indices, indices, state, dup, inv, k_rows, epoch, b, n, nprog,
+                      blk, pblk, mwarps, float(ema), int(reduction), True, bool(update), check)
         if reduction == layout.REDUCTION_MEAN:
             row_scale.mul_(inv)
     return w.out, row_scale

@@ -1,0 +1,193 @@
+// The autograd of fastsel::ce_step_csrc and fastsel::observe_csrc, on every device their
+// kernels run on (CPU here, CUDA in cuda_glue.cpp): kernels at the Autograd key, each a
+// torch::autograd::Function, so that a loss call and its backward run no Python (the
+// reference and Triton ops keep fastsel/ops.py's Python registration, PYTHON_AUTOGRAD).
+//
+// The formulas are fastsel/ops.py's _ce_step_backward and _observe_backward, operation for
+// operation (a test compares them bit for bit). The forward redispatches below autograd to
+// the op's kernel (or, while traced, to functionalization and the fake kernel); grad and
+// grad_scale (ce_step) and row_scale (observe) are outputs without a gradient. A call whose
+// first input does not require grad, or with grad mode off, goes straight through.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "layout.h"
+#include "ops.h"
+
+namespace fastsel {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Whether t is a float32 0-d tensor in host memory holding 1 and needing no gradient, read now
+// (a plain eager backward: no tensor subclass, functional or traced stand-in, no dispatch
+// mode), as ops.py's _eager_ones. Its data is read directly, not with .item(), so that the usual
+// loss.backward() dispatches no aten op of its own.
+bool host_one(const at::Tensor& t) {
+  // The keys of a plain CPU tensor; any other (Python, Functionalize, a functorch wrapper,
+  // a lazy negation) makes its stored data a stand-in, and the formula then runs as is.
+  constexpr c10::DispatchKeySet plain_cpu({c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
+                                           c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutocastCPU});
+  return t.defined() && t.dim() == 0 && t.scalar_type() == at::kFloat && t.device().is_cpu() &&
+         !t.requires_grad() && (t.key_set() | plain_cpu) == plain_cpu && t.has_storage() &&
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0 && *t.const_data_ptr<float>() == 1.0f;
+}
+
+// ---- ce_step ------------------------------------------------------------------------------------
+
+// The op's arguments after logits, as its kernels take them (CeStepFn).
+struct CeStepArgs {
+  const at::Tensor& target;
+  const at::Tensor& indices;
+  at::Tensor& state_loss;
+  at::Tensor& state_loss_var;
+  at::Tensor& state_p_true;
+  at::Tensor& state_seen;
+  at::Tensor& state_last_epoch;
+  const at::Tensor& state_weight;
+  at::Tensor& stats;
+  at::Tensor& errors;
+  const std::optional<at::Tensor>& member;
+  const std::optional<at::Tensor>& rows;
+  const at::Tensor& epoch;
+  const std::optional<at::Tensor>& class_weight;
+  int64_t ignore_index;
+  double label_smoothing, ema;
+  int64_t reduction;
+  bool strict, update, need_grad;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_below(const at::Tensor& logits, const CeStepArgs& a) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastsel::ce_step_csrc", "").typed<CeStepFn>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(logits, a.target, a.indices, a.state_loss, a.state_loss_var, a.state_p_true, a.state_seen,
+                 a.state_last_epoch, a.state_weight, a.stats, a.errors, a.member, a.rows, a.epoch, a.class_weight,
+                 a.ignore_index, a.label_smoothing, a.ema, a.reduction, a.strict, a.update, a.need_grad);
+}
+
+struct CeStepFunction : public torch::autograd::Function<CeStepFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const CeStepArgs* a) {
+    ctx->set_materialize_grads(false);
+    auto [out, grad, scale] = ce_step_below(logits, *a);
+    ctx->saved_data["per_row"] = a->reduction == layout::REDUCTION_NONE;
+    ctx->save_for_backward({grad, scale});
+    ctx->mark_non_differentiable({grad, scale});
+    return {out, grad, scale};
+  }
+
+  // d(out)/d(logits) = grad * (g_out * grad_scale), per row for "none"; the usual
+  // loss.backward() (g_out and grad_scale both a host 1) returns grad itself: no copy.
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    const at::Tensor& g_out = g[0];
+    if (!g_out.defined()) return {at::Tensor(), at::Tensor()};
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& grad = saved[0];
+    const at::Tensor& scale = saved[1];
+    const bool per_row = ctx->saved_data["per_row"].toBool();
+    if (!per_row && host_one(g_out) && host_one(scale)) return {grad, at::Tensor()};
+    at::Tensor s = g_out.to(at::kFloat) * scale;
+    if (per_row) s = s.unsqueeze(1);
+    at::Tensor gi = grad.scalar_type() == at::kFloat ? grad * s : (grad.to(at::kFloat) * s).to(grad.scalar_type());
+    return {gi, at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_autograd(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& indices, at::Tensor& state_loss,
+    at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen, at::Tensor& state_last_epoch,
+    const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors, const std::optional<at::Tensor>& member,
+    const std::optional<at::Tensor>& rows, const at::Tensor& epoch, const std::optional<at::Tensor>& class_weight,
+    int64_t ignore_index, double label_smoothing, double ema, int64_t reduction, bool strict, bool update,
+    bool need_grad) {
+  const CeStepArgs a{target,       indices,    state_loss, state_loss_var, state_p_true,
+                     state_seen,   state_last_epoch, state_weight, stats, errors,
+                     member,       rows,       epoch,      class_weight,   ignore_index,
+                     label_smoothing, ema,     reduction,  strict,         update,
+                     need_grad};
+  if (!(at::GradMode::is_enabled() && logits.requires_grad())) return ce_step_below(logits, a);
+  const variable_list r = CeStepFunction::apply(logits, &a);
+  return {r[0], r[1], r[2]};
+}
+
+// ---- observe ------------------------------------------------------------------------------------
+
+// The op's arguments after losses, as its kernels take them (ObserveFn).
+struct ObserveArgs {
+  const std::optional<at::Tensor>& probs;
+  const at::Tensor& indices;
+  at::Tensor& state_loss;
+  at::Tensor& state_loss_var;
+  at::Tensor& state_p_true;
+  at::Tensor& state_seen;
+  at::Tensor& state_last_epoch;
+  const at::Tensor& state_weight;
+  at::Tensor& stats;
+  at::Tensor& errors;
+  const std::optional<at::Tensor>& member;
+  const std::optional<at::Tensor>& rows;
+  const at::Tensor& epoch;
+  double ema;
+  int64_t reduction;
+  bool strict, update;
+};
+
+std::tuple<at::Tensor, at::Tensor> observe_below(const at::Tensor& losses, const ObserveArgs& a) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastsel::observe_csrc", "").typed<ObserveFn>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(losses, a.probs, a.indices, a.state_loss, a.state_loss_var, a.state_p_true, a.state_seen,
+                 a.state_last_epoch, a.state_weight, a.stats, a.errors, a.member, a.rows, a.epoch, a.ema,
+                 a.reduction, a.strict, a.update);
+}
+
+struct ObserveFunction : public torch::autograd::Function<ObserveFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& losses, const ObserveArgs* a) {
+    ctx->set_materialize_grads(false);
+    auto [out, row_scale] = observe_below(losses, *a);
+    ctx->saved_data["dtype"] = losses.scalar_type();
+    ctx->save_for_backward({row_scale});
+    ctx->mark_non_differentiable({row_scale});
+    return {out, row_scale};
+  }
+
+  // d(out)/d(losses) = g_out * row_scale in float32, in the losses' dtype (a cast only where
+  // the dtype differs: float32 losses take one op).
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    const at::Tensor& g_out = g[0];
+    if (!g_out.defined()) return {at::Tensor(), at::Tensor()};
+    const at::Tensor row_scale = ctx->get_saved_variables()[0];
+    const at::ScalarType dtype = ctx->saved_data["dtype"].toScalarType();
+    const at::Tensor gi = (g_out.scalar_type() == at::kFloat ? g_out : g_out.to(at::kFloat)) * row_scale;
+    return {gi.scalar_type() == dtype ? gi : gi.to(dtype), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> observe_autograd(
+    const at::Tensor& losses, const std::optional<at::Tensor>& probs, const at::Tensor& indices,
+    at::Tensor& state_loss, at::Tensor& state_loss_var, at::Tensor& state_p_true, at::Tensor& state_seen,
+    at::Tensor& state_last_epoch, const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors,
+    const std::optional<at::Tensor>& member, const std::optional<at::Tensor>& rows, const at::Tensor& epoch,
+    double ema, int64_t reduction, bool strict, bool update) {
+  const ObserveArgs a{probs,  indices, state_loss, state_loss_var, state_p_true, state_seen, state_last_epoch,
+                      state_weight, stats, errors, member, rows, epoch, ema, reduction, strict, update};
+  if (!(at::GradMode::is_enabled() && losses.requires_grad())) return observe_below(losses, a);
+  const variable_list r = ObserveFunction::apply(losses, &a);
+  return {r[0], r[1]};
+}
+
+}  // namespace
+}  // namespace fastsel
+
+TORCH_LIBRARY_IMPL(fastsel, Autograd, m) {
+  m.impl("ce_step_csrc", TORCH_FN(fastsel::ce_step_autograd));
+  m.impl("observe_csrc", TORCH_FN(fastsel::observe_autograd));
+}
