@@ -32,21 +32,28 @@ inline float saturate(double x) {
 
 void fold_observations(const StateView& s, std::vector<RowObs>& obs, int64_t nonfinite, int64_t epoch,
                        double ema) {
-  // Rows are in row order, so a stable sort by sample index makes each sample's rows a run
-  // in row order (the reference's stable sort).
-  const size_t m = obs.size();
-  if (s.n <= static_cast<int64_t>(UINT32_MAX) && m <= static_cast<size_t>(UINT32_MAX)) {
-    std::vector<uint32_t> key(m), val(m);
-    for (size_t q = 0; q < m; ++q) {
-      key[q] = static_cast<uint32_t>(obs[q].idx);
-      val[q] = static_cast<uint32_t>(q);
+  // Group the rows by sample, each group's sums in row order (the reference's stable sort
+  // keeps that order too), without a sort: slot[i] is sample i's group while the batch is
+  // folded, -1 otherwise (one array per thread, as long as the largest N it has folded).
+  thread_local std::vector<int32_t> slot;
+  if (static_cast<int64_t>(slot.size()) < s.n) slot.assign(static_cast<size_t>(s.n), -1);
+  struct Group {
+    int64_t idx;
+    double sum_l, sum_p;
+    int64_t cnt;
+  };
+  std::vector<Group> groups;
+  groups.reserve(obs.size());
+  for (const RowObs& o : obs) {
+    int32_t& g = slot[static_cast<size_t>(o.idx)];
+    if (g < 0) {
+      g = static_cast<int32_t>(groups.size());
+      groups.push_back({o.idx, 0.0, 0.0, 0});
     }
-    radix_sort_pairs(key, val);
-    std::vector<RowObs> sorted(m);
-    for (size_t q = 0; q < m; ++q) sorted[q] = obs[val[q]];
-    obs.swap(sorted);
-  } else {
-    std::stable_sort(obs.begin(), obs.end(), [](const RowObs& a, const RowObs& b) { return a.idx < b.idx; });
+    Group& gr = groups[static_cast<size_t>(g)];
+    gr.sum_l += static_cast<double>(o.loss);
+    gr.sum_p += static_cast<double>(o.p);
+    ++gr.cnt;
   }
   // The fold in float64 from the float32 state, with float32(ema) and float32(1 - ema),
   // each result stored saturated (the same operations, in this order, on every backend).
@@ -54,14 +61,11 @@ void fold_observations(const StateView& s, std::vector<RowObs>& obs, int64_t non
   const double one_minus_a = static_cast<double>(static_cast<float>(1.0 - ema));
   double epoch_loss = 0.0;
   int64_t epoch_count = 0;
-  for (size_t g = 0; g < m;) {
-    const int64_t t = obs[g].idx;
-    double sum_l = 0.0, sum_p = 0.0;
-    int64_t cnt = 0;
-    for (; g < m && obs[g].idx == t; ++g, ++cnt) {
-      sum_l += static_cast<double>(obs[g].loss);
-      sum_p += static_cast<double>(obs[g].p);
-    }
+  for (const Group& gr : groups) {
+    const int64_t t = gr.idx;
+    const double sum_l = gr.sum_l, sum_p = gr.sum_p;
+    const int64_t cnt = gr.cnt;
+    slot[static_cast<size_t>(t)] = -1;
     const float obs_l = static_cast<float>(sum_l / static_cast<double>(cnt));
     const float obs_p = static_cast<float>(sum_p / static_cast<double>(cnt));
     const double m_old = s.loss[t], v_old = s.loss_var[t], p_old = s.p_true[t];
@@ -181,18 +185,18 @@ std::tuple<at::Tensor, at::Tensor> observe_cpu(
   // row_scale = policy weight (/ active rows for "mean"); masked rows count 0, even a NaN loss.
   const bool mean = reduction == layout::REDUCTION_MEAN;
   const float div = static_cast<float>(std::max<int64_t>(n_active, 1));
-  at::Tensor row_scale = at::empty({b}, losses.options().dtype(at::kFloat));
+  at::Tensor row_scale = cpu_empty({b}, at::kFloat);
   float* rs = row_scale.data_ptr<float>();
   for (int64_t r = 0; r < b; ++r) rs[r] = idx[r] < n ? (mean ? s.weight[idx[r]] / div : s.weight[idx[r]]) : 0.0f;
   at::Tensor out;
   if (reduction == layout::REDUCTION_NONE) {
-    out = at::empty({b}, losses.options().dtype(at::kFloat));
+    out = cpu_empty({b}, at::kFloat);
     float* o = out.data_ptr<float>();
     for (int64_t r = 0; r < b; ++r) o[r] = idx[r] < n ? rs[r] * l[r] : 0.0f;
   } else {
     double total = 0.0;
     for (int64_t r = 0; r < b; ++r) total += idx[r] < n ? static_cast<double>(rs[r] * l[r]) : 0.0;
-    out = at::scalar_tensor(static_cast<float>(total), losses.options().dtype(at::kFloat));
+    out = cpu_scalar(static_cast<float>(total));
   }
 
   if (update) {

@@ -632,9 +632,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cpu(
   std::vector<int64_t> out_sizes{b};
   for (int64_t q = 2; q < logits.dim(); ++q) out_sizes.push_back(logits.size(q));
   at::Tensor out_none =
-      reduction == layout::REDUCTION_NONE ? at::empty(out_sizes, logits.options().dtype(at::kFloat)) : at::Tensor();
+      reduction == layout::REDUCTION_NONE ? cpu_empty(out_sizes, at::kFloat) : at::Tensor();
   float* onp = out_none.defined() ? out_none.data_ptr<float>() : nullptr;
-  at::Tensor grad = need_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  at::Tensor grad = cpu_empty(need_grad ? logits.sizes() : at::IntArrayRef{0}, logits.scalar_type());
   std::vector<RowOut> rows(b);
   const bool t32 = soft && target.scalar_type() == at::kFloat;
   const float* tp32 = t32 ? target.const_data_ptr<float>() : nullptr;
@@ -760,7 +760,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cpu(
     double total = 0.0;
     for (int64_t r = 0; r < b; ++r) total += rows[r].out;
     const float t = static_cast<float>(total);
-    out = at::scalar_tensor(reduction == layout::REDUCTION_MEAN ? t / denom_f : t, logits.options().dtype(at::kFloat));
+    out = cpu_scalar(reduction == layout::REDUCTION_MEAN ? t / denom_f : t);
   }
 
   // Phase 3: each sample's observation into the state.
@@ -779,7 +779,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cpu(
     }
     fold_observations(st, obs, nonfinite, epoch, ema);
   }
-  return {out, grad, at::scalar_tensor(1.0, logits.options().dtype(at::kFloat))};
+  return {out, grad, cpu_scalar(1.0f)};
 }
 
 }  // namespace fastsel

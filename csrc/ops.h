@@ -5,6 +5,7 @@
 // per-sample state update.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 
 #include <cstdint>
 #include <optional>
@@ -49,6 +50,19 @@ using ObserveFn = decltype(observe_cpu);
 at::Tensor cpu_select(const at::Tensor& keys, int64_t k);
 at::Tensor cpu_uniform(const at::Tensor& idx, int64_t key, int64_t stream);
 at::Tensor cpu_shuffle(const at::Tensor& chosen, int64_t key);
+
+// A new CPU tensor without a trip through the dispatcher (as at::empty would take): the
+// CPU kernels allocate their outputs with it, so a small call pays no dispatch for them.
+inline at::Tensor cpu_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
+}
+
+// A CPU float32 0-d tensor holding v (at::scalar_tensor without the dispatch).
+inline at::Tensor cpu_scalar(float v) {
+  at::Tensor t = cpu_empty({}, at::kFloat);
+  *t.data_ptr<float>() = v;
+  return t;
+}
 
 // ---- argument checks (checks.cpp) ---------------------------------------------------------------
 

@@ -27,11 +27,12 @@ def _check_tensor(name: str, t: object) -> None:
 
 
 def _check_indices(indices: torch.Tensor, b: int, device: torch.device, rows: str) -> None:
-    if indices.dim() != 1:
-        raise ValueError(f"indices must be 1-D [batch], got shape {tuple(indices.shape)}")
+    shape = indices.shape
+    if len(shape) != 1:
+        raise ValueError(f"indices must be 1-D [batch], got shape {tuple(shape)}")
     if indices.dtype not in _INT_DTYPES:
         raise TypeError(f"indices must be int64 or int32, got dtype {indices.dtype}")
-    if indices.shape[0] != b:
+    if shape[0] != b:
         raise ValueError(f"indices has {indices.shape[0]} entries but {rows} has {b} rows: "
                          "lengths must match")
     if indices.device != device:
@@ -45,36 +46,41 @@ def check_step_args(logits: torch.Tensor, target: torch.Tensor, indices: torch.T
     ``target`` is what ``F.cross_entropy`` takes: class indices [B, d1..dk] for logits
     [B, C, d1..dk], or class probabilities of the logits' shape.
     """
-    for name, t in (("logits", logits), ("target", target), ("indices", indices)):
-        _check_tensor(name, t)
-    if logits.dim() < 2:
+    if not (isinstance(logits, torch.Tensor) and isinstance(target, torch.Tensor)
+            and isinstance(indices, torch.Tensor)):
+        for name, t in (("logits", logits), ("target", target), ("indices", indices)):
+            _check_tensor(name, t)
+    shape = logits.shape   # read once: each read of a tensor's metadata costs a call
+    if len(shape) < 2:
         raise ValueError(f"logits must be [batch, classes] or [batch, classes, d1, ..., dk], "
-                         f"got shape {tuple(logits.shape)}")
+                         f"got shape {tuple(shape)}")
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"logits must be float32, float16 or bfloat16, got dtype {logits.dtype}")
-    if logits.shape[1] < 1:
-        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
-    b = logits.shape[0]
-    hard_shape = (b,) + tuple(logits.shape[2:])
+    if shape[1] < 1:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(shape)}")
+    b = shape[0]
+    tshape = target.shape
     if target.is_floating_point():
-        if target.shape != logits.shape:
+        if tshape != shape:
             raise ValueError(f"target holds class probabilities (dtype {target.dtype}), so it must "
-                             f"have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}; "
+                             f"have the logits' shape {tuple(shape)}, got {tuple(tshape)}; "
                              "class indices must be an integer tensor")
     else:
         if target.dtype not in _INT_DTYPES:
             raise TypeError(f"target must be int64 or int32 class indices or floating class "
                             f"probabilities, got dtype {target.dtype}")
-        if tuple(target.shape) != hard_shape:
+        if len(tshape) != len(shape) - 1 or tshape[0] != b or tshape[1:] != shape[2:]:
+            hard_shape = (b,) + tuple(shape[2:])
             raise ValueError(f"target of class indices must have shape {hard_shape} for logits of "
-                             f"shape {tuple(logits.shape)}, got {tuple(target.shape)}")
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
-    _check_indices(indices, b, logits.device, "logits")
+                             f"shape {tuple(shape)}, got {tuple(tshape)}")
+    device = logits.device
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but logits is on {device}")
+    _check_indices(indices, b, device, "logits")
     w = cfg.class_weight
-    if w is not None and (w.shape[0] != logits.shape[1] or w.device != logits.device):
+    if w is not None and (w.shape[0] != shape[1] or w.device != device):
         raise ValueError(
-            f"class_weight must have {logits.shape[1]} entries on {logits.device}, "
+            f"class_weight must have {shape[1]} entries on {device}, "
             f"got {w.shape[0]} on {w.device}")
 
 

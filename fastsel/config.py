@@ -38,11 +38,8 @@ class LossConfig:
                 raise ValueError("class_weight must be a 1-D floating-point tensor of C entries")
         self.ignore_index, self.label_smoothing = int(self.ignore_index), float(self.label_smoothing)
         self.ema = float(self.ema)
-
-    @property
-    def reduction_code(self) -> int:
-        """``reduction`` as the ops take it (``layout.REDUCTIONS``' index)."""
-        return REDUCTIONS.index(self.reduction)
+        #: ``reduction`` as the ops take it (``layout.REDUCTIONS``' index).
+        self.reduction_code = REDUCTIONS.index(self.reduction)
 
     def weight_for(self, device: torch.device) -> Optional[torch.Tensor]:
         """The class weights as the ops take them: contiguous float32 on ``device`` (moved

@@ -259,10 +259,13 @@ def ce_step(impl: str, logits: torch.Tensor, target: torch.Tensor, indices: torc
     """One fused loss call: ``fastsel::ce_step_<impl>`` on ``state`` (``state_args``'s
     tuple) with ``cfg``'s settings; returns the loss (the gradient is the op's backward)."""
     need_grad = logits.requires_grad and torch.is_grad_enabled()
+    w = cfg.class_weight
     return _OPS[("ce_step", impl)](
-        _dense(logits), _dense(target), _dense(indices), *state, cfg.weight_for(logits.device),
-        cfg.ignore_index, cfg.label_smoothing, cfg.ema, cfg.reduction_code, cfg.strict, update,
-        need_grad)[0]
+        logits if logits.is_contiguous() else logits.contiguous(),
+        target if target.is_contiguous() else target.contiguous(),
+        indices if indices.is_contiguous() else indices.contiguous(), *state,
+        w if w is None else cfg.weight_for(logits.device), cfg.ignore_index, cfg.label_smoothing,
+        cfg.ema, cfg.reduction_code, cfg.strict, update, need_grad)[0]
 
 
 def observe(impl: str, losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.Tensor,

@@ -144,6 +144,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._op_state = state_args(self.state, self._rows.epoch, self._rows)
         self._backend: Optional[Any] = None
         self._backend_device: Optional[torch.device] = None
+        self._strict_on: Optional[bool] = None   # strict mode on the bound device
         self.epoch = 0
         self._position = 0           # rows of this epoch's shard the host counted through loss()
         self._epoch_calls = 0        # update calls of this epoch the host counted
@@ -151,6 +152,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._selection: Optional[torch.Tensor] = None   # global, shuffled, this epoch
         self._selection_epoch: Optional[int] = None
         self._shard_cpu: Optional[torch.Tensor] = None
+        self._shard_len = -1         # its length (-1: none drawn)
         self._warned_spent = False
         self._warned: set = set()    # the counting warnings already given (each warns once)
 
@@ -393,6 +395,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         self._selection, self._selection_epoch = order, epoch
         self._shard_cpu = None
         shard = len(self._shard_tensor()) if order is not None else -1  # the one device→host copy
+        self._shard_len = shard
         self._rows.open(order, self.epoch if epoch is None else epoch, shard, self._position)
         self._epoch_calls = 0
 
@@ -414,7 +417,8 @@ class Sampler(torch.utils.data.Sampler[int]):
         rows; under ``torch.compile`` the call reads no host int of the sampler, so a compiled
         step compiles once across epochs.
         """
-        _refuse_call_settings("loss", unknown)
+        if unknown:
+            _refuse_call_settings("loss", unknown)
         cfg = self._call_config(reduction)
         check_step_args(logits, target, indices, cfg)
         host = update and not torch.compiler.is_compiling()
@@ -439,7 +443,8 @@ class Sampler(torch.utils.data.Sampler[int]):
         defaults to exp(-loss), exact for hard-label cross-entropy. ``indices``,
         ``reduction`` and ``update`` as in ``loss()``; ``"mean"`` divides by the rows.
         """
-        _refuse_call_settings("observe", unknown)
+        if unknown:
+            _refuse_call_settings("observe", unknown)
         check_observe_args(losses, indices, p_true)
         cfg = self._call_config(reduction)
         host = update and not torch.compiler.is_compiling()
@@ -471,9 +476,10 @@ class Sampler(torch.utils.data.Sampler[int]):
     def _check_room(self, b: int) -> None:
         """Refuse ``b`` rows outside an epoch in progress or past its shard (fastsel.rows),
         before the call moves or writes anything."""
-        drawn = self._drawn()
-        self._rows.check_room(b, epoch=self.epoch, drawn=drawn, position=self._position,
-                              shard_len=len(self._shard_tensor()) if drawn else 0)
+        drawn = self._selection_epoch == self.epoch
+        if not drawn or self._position + b > self._shard_len:
+            self._rows.check_room(b, epoch=self.epoch, drawn=drawn, position=self._position,
+                                  shard_len=self._shard_len if drawn else 0)
 
     def _call_config(self, reduction: Optional[str]) -> LossConfig:
         """The loss settings of one call: the sampler's, with ``reduction`` overridden."""
@@ -487,6 +493,8 @@ class Sampler(torch.utils.data.Sampler[int]):
         """Move the state (and class weights) to the device of the call once, after the
         backend for that device is found (a device none runs on changes nothing); returns
         it. Strict mode defaults to on on the CPU, off elsewhere."""
+        if dev == self._backend_device and cfg.strict == self._strict_on:
+            return self._backend    # bound to this device already: nothing to move or set
         if self.state.device != dev:
             if self._fixed_device is not None:
                 raise ValueError(f"the loss is on {dev} but the sampler's state is on "
@@ -508,7 +516,9 @@ class Sampler(torch.utils.data.Sampler[int]):
         strict = (dev.type == "cpu") if self._strict is None else bool(self._strict)
         if cfg.strict != strict:
             cfg.strict = strict
-        return self._get_backend(dev)
+        backend = self._get_backend(dev)
+        self._strict_on = strict
+        return backend
 
     def _consumed(self, b: int) -> None:
         """A batch of b rows went through (the host saw it): the epoch position and the
