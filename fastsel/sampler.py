@@ -381,6 +381,10 @@ class Sampler(torch.utils.data.Sampler[int]):
             if self.state.device == device:
                 backend.check_state(self.state)
             self._backend, self._backend_device = backend, device
+            # Strict mode defaults to on on the CPU, off elsewhere; set here, where the
+            # selection pass binds the state's device, so a compiled loss call finds it set.
+            self._strict_on = (device.type == "cpu") if self._strict is None else bool(self._strict)
+            self.cfg.strict = self._strict_on
         return self._backend
 
     def _ensure_selection(self) -> None:
@@ -492,7 +496,7 @@ class Sampler(torch.utils.data.Sampler[int]):
     def _follow(self, dev: torch.device, cfg: LossConfig) -> Any:
         """Move the state (and class weights) to the device of the call once, after the
         backend for that device is found (a device none runs on changes nothing); returns
-        it. Strict mode defaults to on on the CPU, off elsewhere."""
+        it, with ``cfg.strict`` set for that device."""
         if dev == self._backend_device and cfg.strict == self._strict_on:
             return self._backend    # bound to this device already: nothing to move or set
         if self.state.device != dev:
@@ -513,11 +517,9 @@ class Sampler(torch.utils.data.Sampler[int]):
             self.cfg.weight_for(dev)
             if cfg is not self.cfg:
                 cfg.class_weight = self.cfg.class_weight
-        strict = (dev.type == "cpu") if self._strict is None else bool(self._strict)
-        if cfg.strict != strict:
-            cfg.strict = strict
         backend = self._get_backend(dev)
-        self._strict_on = strict
+        if cfg.strict != self._strict_on:
+            cfg.strict = self._strict_on
         return backend
 
     def _consumed(self, b: int) -> None:
