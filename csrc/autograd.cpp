@@ -4,7 +4,8 @@
 // reference and Triton ops keep fastsel/ops.py's Python registration, PYTHON_AUTOGRAD).
 //
 // The formulas are fastsel/ops.py's _ce_step_backward and _observe_backward, operation for
-// operation (a test compares them bit for bit). The forward redispatches below autograd to
+// operation (a test compares them bit for bit; on CUDA, ce_step's is one kernel of the same
+// roundings, cuda_scale_grad). The forward redispatches below autograd to
 // the op's kernel (or, while traced, to functionalization and the fake kernel); grad and
 // grad_scale (ce_step) and row_scale (observe) are outputs without a gradient. A call whose
 // first input does not require grad, or with grad mode off, goes straight through.
@@ -39,6 +40,16 @@ bool host_one(const at::Tensor& t) {
   return t.defined() && t.dim() == 0 && t.scalar_type() == at::kFloat && t.device().is_cpu() &&
          !t.requires_grad() && (t.key_set() | plain_cpu) == plain_cpu && t.has_storage() &&
          c10::impl::TorchDispatchModeTLS::stack_len() == 0 && *t.const_data_ptr<float>() == 1.0f;
+}
+
+// Whether t is a plain eager CUDA tensor (no tensor subclass, functional or traced stand-in,
+// lazy negation, functorch wrapper; no dispatch mode active): its memory holds its values, so
+// a kernel may read and write it directly.
+bool plain_cuda(const at::Tensor& t) {
+  constexpr c10::DispatchKeySet plain({c10::DispatchKey::CUDA, c10::DispatchKey::AutogradCUDA,
+                                       c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutocastCUDA});
+  return t.defined() && t.is_cuda() && (t.key_set() | plain) == plain && t.has_storage() &&
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0;
 }
 
 // ---- ce_step ------------------------------------------------------------------------------------
@@ -85,7 +96,10 @@ struct CeStepFunction : public torch::autograd::Function<CeStepFunction> {
   }
 
   // d(out)/d(logits) = grad * (g_out * grad_scale), per row for "none"; the usual
-  // loss.backward() (g_out and grad_scale both a host 1) returns grad itself: no copy.
+  // loss.backward() (g_out and grad_scale both a host 1) returns grad itself: no copy. On
+  // CUDA (g_out and grad_scale device tensors) one launch, cuda_scale_grad's kernel, bit for
+  // bit the formula, where every tensor is a plain eager one and no graph of the backward is
+  // built (create_graph with a g_out that requires grad); the formula otherwise.
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     const at::Tensor& g_out = g[0];
     if (!g_out.defined()) return {at::Tensor(), at::Tensor()};
@@ -94,6 +108,14 @@ struct CeStepFunction : public torch::autograd::Function<CeStepFunction> {
     const at::Tensor& scale = saved[1];
     const bool per_row = ctx->saved_data["per_row"].toBool();
     if (!per_row && host_one(g_out) && host_one(scale)) return {grad, at::Tensor()};
+    if (grad.is_cuda()) {
+      const ScaleGradFn fused = cuda_scale_grad();
+      if (fused != nullptr && plain_cuda(grad) && plain_cuda(g_out) && plain_cuda(scale) &&
+          !(at::GradMode::is_enabled() && g_out.requires_grad())) {
+        at::Tensor gi = fused(grad, g_out, scale, per_row);
+        if (gi.defined()) return {gi, at::Tensor()};
+      }
+    }
     at::Tensor s = g_out.to(at::kFloat) * scale;
     if (per_row) s = s.unsqueeze(1);
     at::Tensor gi = grad.scalar_type() == at::kFloat ? grad * s : (grad.to(at::kFloat) * s).to(grad.scalar_type());
@@ -185,6 +207,12 @@ std::tuple<at::Tensor, at::Tensor> observe_autograd(
 }
 
 }  // namespace
+
+ScaleGradFn& cuda_scale_grad() {
+  static ScaleGradFn fn = nullptr;
+  return fn;
+}
+
 }  // namespace fastsel
 
 TORCH_LIBRARY_IMPL(fastsel, Autograd, m) {

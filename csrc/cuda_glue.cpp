@@ -29,6 +29,7 @@
 // event), so two streams never share the scratch at once; a graph replay is ordered only on
 // its own stream, as any graph.
 #include <ATen/ATen.h>
+#include <ATen/TensorUtils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -215,6 +216,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cuda(
 
 // The dispatcher compares the kernels' C++ signatures (ops.h).
 static_assert(std::is_same_v<decltype(ce_step_cuda), CeStepFn>, "ce_step_cuda must take ce_step_cpu's types");
+
+// ce_step's backward on CUDA in one launch (ops.h, ScaleGradFn; autograd.cpp calls it for
+// plain eager tensors): grad * (g_out * scale), g_out and scale read on the device (no sync).
+// Undefined where the kernel does not take the tensors (autograd.cpp then runs the formula,
+// which raises or broadcasts as it would): grad a contiguous float32 / float16 / bfloat16 CUDA
+// tensor, g_out float32 on its device, 0-d (per_row: the shape of grad without its class dim,
+// whose positions are one stride apart: contiguous or expanded), scale a 0-d float32 there.
+at::Tensor scale_grad_cuda(const at::Tensor& grad, const at::Tensor& g_out, const at::Tensor& scale,
+                           bool per_row) {
+  const at::Device dev = grad.device();
+  if (!grad.is_cuda() || !grad.is_contiguous() || g_out.device() != dev || scale.device() != dev ||
+      g_out.scalar_type() != at::kFloat || scale.scalar_type() != at::kFloat || scale.dim() != 0)
+    return {};
+  int type;
+  switch (grad.scalar_type()) {
+    case at::kFloat: type = cuda::kF32; break;
+    case at::kHalf: type = cuda::kF16; break;
+    case at::kBFloat16: type = cuda::kBF16; break;
+    default: return {};
+  }
+  cuda::ScaleGradArgs a{};
+  a.type = type;
+  a.numel = grad.numel();
+  a.per_row = per_row;
+  a.c = a.d = 1;
+  if (per_row) {
+    if (grad.dim() < 2) return {};
+    // g_out is [b, d1..dk]: grad's shape without dim 1.
+    std::vector<int64_t> rows(grad.sizes().begin(), grad.sizes().end());
+    rows.erase(rows.begin() + 1);
+    if (g_out.sizes() != at::IntArrayRef(rows)) return {};
+    const int64_t b = rows[0];
+    int64_t d = 1;
+    for (size_t j = 1; j < rows.size(); ++j) d *= rows[j];
+    const std::vector<int64_t> flat{b, d};
+    const auto strides = at::detail::computeStride(g_out.sizes(), g_out.strides(), at::IntArrayRef(flat));
+    if (!strides.has_value()) return {};  // positions not one stride apart (the formula handles it)
+    a.c = grad.size(1);
+    a.d = d;
+    a.g_row = (*strides)[0];
+    a.g_pos = (*strides)[1];
+  } else if (g_out.dim() != 0) {
+    return {};
+  }
+  at::Tensor out = at::empty_like(grad);
+  if (a.numel == 0) return out;
+  const c10::cuda::CUDAGuard guard(dev);
+  a.grad = grad.const_data_ptr();
+  a.out = out.data_ptr();
+  a.g_out = g_out.const_data_ptr<float>();
+  a.scale = scale.const_data_ptr<float>();
+  check_ok(cuda::launch_scale_grad(a, current_stream(grad)), "fastsel::ce_step_csrc backward (CUDA)");
+  return out;
+}
+
+// Set when the extension loads (a CUDA build); autograd.cpp holds the pointer.
+const bool g_scale_grad_set = (cuda_scale_grad() = &scale_grad_cuda, true);
 
 at::Tensor select_cuda(const at::Tensor& keys, int64_t k) {
   const char* where = "fastsel::select_csrc (CUDA)";

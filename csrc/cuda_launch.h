@@ -79,6 +79,25 @@ int64_t step_rows_bytes(int64_t b);
 // Two launches (one with update=false): rows, then merge + update.
 const char* launch_step(const StepArgs& a, const StepWork& w, void* stream);
 
+// The ce_step backward in one launch (step_kernels.cu): out[i] = grad[i] * (g * *scale) in
+// float32, stored in grad's type, bit for bit fastsel/ops.py's _ce_step_backward formula. g is
+// g_out[0] (mean, sum), or with per_row (reduction "none") the grad_output of entry i's row and
+// position: grad is [b, c, d1..dk] contiguous (d = d1 * ... * dk, 1 for 2-D), entry
+// i = (row * c + class) * d + pos, and g = g_out[row * g_row + pos * g_pos] (strides in
+// elements, any: 0 for an expanded grad_output). g_out and scale are read on the device.
+struct ScaleGradArgs {
+  const void* grad;     // numel entries, LogitsType
+  void* out;            // numel entries, grad's type
+  int type;             // LogitsType
+  int64_t numel;
+  const float* g_out;   // 0-d, or per row as above
+  const float* scale;   // 0-d
+  bool per_row;
+  int64_t c, d;         // per_row: classes, positions per row
+  int64_t g_row, g_pos; // per_row: g_out's strides
+};
+const char* launch_scale_grad(const ScaleGradArgs& a, void* stream);
+
 // Indices (int64) of the k largest float keys in rank order (+inf > finite > -inf > NaN, ties
 // by lower index), 0 < k <= n < 2**32. Workspace: select_work_bytes(n, k), any content.
 int64_t select_work_bytes(int64_t n, int64_t k);

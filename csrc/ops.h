@@ -46,6 +46,14 @@ std::tuple<at::Tensor, at::Tensor> observe_cpu(
     double ema, int64_t reduction, bool strict, bool update);
 using ObserveFn = decltype(observe_cpu);
 
+// ce_step's backward on CUDA in one launch, grad * (g_out * scale) (per row with per_row), or
+// an undefined tensor where that kernel does not take these tensors (autograd.cpp then runs the
+// generic formula). Null unless the CUDA part is built: cuda_glue.cpp sets it when the
+// extension loads; defined in autograd.cpp, so the CPU build needs no CUDA symbol.
+using ScaleGradFn = at::Tensor (*)(const at::Tensor& grad, const at::Tensor& g_out, const at::Tensor& scale,
+                                   bool per_row);
+ScaleGradFn& cuda_scale_grad();
+
 // fastsel::select_csrc, uniform_csrc, shuffle_csrc on the CPU (cpu_select.cpp).
 at::Tensor cpu_select(const at::Tensor& keys, int64_t k);
 at::Tensor cpu_uniform(const at::Tensor& idx, int64_t key, int64_t stream);

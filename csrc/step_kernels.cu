@@ -33,6 +33,8 @@
 // so order-free) for a few float32 values, as the reference's index_add_ (for 2 rows it is
 // bit-identical to any order). The state fold is the reference's float64 arithmetic (no
 // fused multiply-add), each result stored saturated (fastsel/state.py, finite in, finite state).
+//
+// Backward: scale_grad_kernel, one launch (autograd.cpp through cuda_glue.cpp), at the end.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -616,7 +618,56 @@ void launch_rows(const StepArgs& a, const StepWork& w, cudaStream_t stream) {
   else launch_rows_cfg<T, 32, 0>(a, w, stream);
 }
 
+// The ce_step backward in one launch: out[i] = grad[i] * (g * scale), g = g_out[0] (mean /
+// sum) or g_out[row, position] (none), with fastsel/ops.py's roundings (s = g * scale in
+// float32, then grad * s in float32, stored in grad's type round-to-nearest-even: two
+// multiplications and no addition, so nothing to contract). Grid-stride over the entries in
+// memory order; per row, each thread keeps (row, entry in row, position) of its index and
+// advances them by the grid's stride, so only its first index is divided.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scale_grad_kernel(ScaleGradArgs a) {
+  const T* grad = static_cast<const T*>(a.grad);
+  T* out = static_cast<T*>(a.out);
+  const float sc = *a.scale;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (!a.per_row) {
+    const float s = __fmul_rn(*a.g_out, sc);
+    for (; i < a.numel; i += stride) st(out, i, __fmul_rn(ld(grad, i), s));
+    return;
+  }
+  const int64_t cd = a.c * a.d;  // entries per row (> 0: numel > 0)
+  int64_t r = i / cd, rem = i % cd, p = rem % a.d;
+  const int64_t step_r = stride / cd, step_rem = stride % cd, step_p = stride % a.d;
+  for (; i < a.numel; i += stride) {
+    const float s = __fmul_rn(a.g_out[r * a.g_row + p * a.g_pos], sc);
+    st(out, i, __fmul_rn(ld(grad, i), s));
+    r += step_r;
+    rem += step_rem;
+    if (rem >= cd) {
+      rem -= cd;
+      ++r;
+    }
+    p += step_p;
+    if (p >= a.d) p -= a.d;
+  }
+}
+
 }  // namespace
+
+const char* launch_scale_grad(const ScaleGradArgs& a, void* stream_ptr) {
+  if (a.numel <= 0) return nullptr;
+  if (a.per_row && (a.c <= 0 || a.d <= 0)) return "fastsel: scale_grad: empty rows with entries";
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const unsigned grid = grid_for((a.numel + kThreads - 1) / kThreads);
+  switch (a.type) {
+    case kF32: scale_grad_kernel<float><<<grid, kThreads, 0, stream>>>(a); break;
+    case kF16: scale_grad_kernel<__half><<<grid, kThreads, 0, stream>>>(a); break;
+    case kBF16: scale_grad_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(a); break;
+    default: return "fastsel: scale_grad: unsupported gradient type";
+  }
+  return last_error();
+}
 
 int64_t step_ctl_bytes() { return align256(static_cast<int64_t>(sizeof(Ctl))); }
 int64_t step_group_bytes(int64_t b) { return align256((b > 0 ? b : 1) * static_cast<int64_t>(sizeof(Group))); }

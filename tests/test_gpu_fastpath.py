@@ -27,6 +27,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -101,6 +102,24 @@ int emu_step(void** p, const long long* iv, double label_smoothing, double ema) 
   return err ? 1 : 0;
 }
 
+// gv: g_row g_pos (per_row strides) | iv: type numel per_row c d
+int emu_scale_grad(const void* grad, void* out, const float* g_out, const float* scale, const long long* gv,
+                   const long long* iv) {
+  ScaleGradArgs a{};
+  a.grad = grad;
+  a.out = out;
+  a.g_out = g_out;
+  a.scale = scale;
+  a.g_row = gv[0], a.g_pos = gv[1];
+  a.type = static_cast<int>(iv[0]);
+  a.numel = iv[1];
+  a.per_row = iv[2] != 0;
+  a.c = iv[3], a.d = iv[4];
+  const char* err = launch_scale_grad(a, nullptr);
+  if (!emu::g_error.empty()) return 2;
+  return err ? 1 : 0;
+}
+
 // The workspace starts as garbage: the launchers must not rely on its content.
 int emu_select(const float* keys, long long n, long long k, long long* out) {
   std::vector<char> work(static_cast<size_t>(select_work_bytes(n, k)) + 256, static_cast<char>(0xA5));
@@ -163,6 +182,7 @@ def emu(tmp_path_factory):
         getattr(h, f).restype = ctypes.c_longlong
     h.emu_step_group_bytes.argtypes = h.emu_step_rows_bytes.argtypes = [ctypes.c_longlong]
     h.emu_reset.argtypes = [ctypes.c_uint, ctypes.c_int]
+    h.emu_scale_grad.argtypes = [ctypes.c_void_p] * 4 + [ctypes.POINTER(ctypes.c_longlong)] * 2
     h.emu_step.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong), ctypes.c_double,
                            ctypes.c_double]
     h.emu_select.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_void_p]
@@ -383,6 +403,80 @@ def test_emulated_step_empty_batch(emu):
     e = torch.empty(0, dtype=torch.int64)
     for reduction in ("mean", "sum", "none"):
         run_both(emu, s, torch.empty(0, 5), e, e, reduction=reduction)
+
+
+# ---- the backward's one launch (scale_grad) on the emulated kernels ---------------------------
+
+def _formula_backward(grad, g_out, scale, per_row):
+    """fastsel/ops.py's ce_step backward (_ce_step_backward) on these saved tensors."""
+    from fastsel import ops
+    ctx = types.SimpleNamespace(saved_tensors=(grad, scale), per_row=per_row, impl="csrc")
+    return ops._ce_step_backward(ctx, g_out)[0]
+
+
+def assert_same_bits(got, want):
+    """Bit for bit, a NaN where the other has a NaN (its payload aside: the GPU's are canonical)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, want.dtype, got.shape, want.shape)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    ints = {4: torch.int32, 2: torch.int16}[got.element_size()]
+    same = got.view(ints) == want.view(ints)
+    assert bool((same | nan).all()), (got[~(same | nan)][:8], want[~(same | nan)][:8])
+
+
+def emu_scale_grad(lib, grad, g_out, scale, per_row):
+    """cuda_glue.cpp's scale_grad_cuda on the emulated kernel: grad * (g_out * scale)."""
+    out = torch.full_like(grad, float("nan"))  # every entry must be written
+    c, d, g_row, g_pos = 1, 1, 0, 0
+    if per_row:
+        c = grad.shape[1]
+        for k in grad.shape[2:]:
+            d *= k
+        g_row, g_pos = g_out.view(grad.shape[0], d).stride()  # as computeStride finds them
+    gv = (ctypes.c_longlong * 2)(g_row, g_pos)
+    iv = (ctypes.c_longlong * 5)(LOGITS_TYPE[grad.dtype], grad.numel(), int(per_row), c, d)
+    _check_rc(lib, lib.emu_scale_grad(_ptr(grad), _ptr(out), _ptr(g_out), _ptr(scale), gv, iv))
+    return out
+
+
+def _saved_grad(shape, dtype, seed):
+    """A saved gradient with the forward's special values: NaN rows, +-inf, +-0, subnormals,
+    values the product rounds or overflows in half precision."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.rand(shape, generator=g).pow(8) * 3e4
+    flat = x.view(-1)
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-42, -3e-39, 65504.0,
+                            6.1e-5, 1.0 / 3.0])
+    if flat.numel() >= 2 * len(special):
+        pos = torch.randperm(flat.numel(), generator=g)[:len(special)]
+        flat[pos] = special
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_emulated_scale_grad_is_the_backward_formula_bit_for_bit(emu, dtype):
+    """The CUDA backward's one launch against fastsel/ops.py's formula, bit for bit: mean and
+    sum (a 0-d grad_output times grad_scale) and none (one grad_output per row: contiguous,
+    expanded as a sum's backward gives it, strided; [B, C, d1, d2] with [B, d1, d2]), B and C
+    not powers of two (more entries than the capped grid's threads: the grid-stride loop)."""
+    for b, c in ((37, 13), (5, 1100), (1, 3), (300, 7), (0, 5)):
+        grad = _saved_grad((b, c), dtype, seed=b * c + 1)
+        for g_out, scale in ((torch.tensor(1.0), torch.tensor(1.0 / 37)), (torch.tensor(-2.5), torch.tensor(1.0)),
+                             (torch.tensor(0.3), torch.tensor(1.0 / 37)), (torch.tensor(-1.7), torch.tensor(1.0 / 300)),
+                             (torch.tensor(0.3), torch.tensor(float("inf"))), (torch.tensor(1e-30), torch.tensor(0.0))):
+            assert_same_bits(emu_scale_grad(emu, grad, g_out, scale, False),
+                             _formula_backward(grad, g_out, scale, False))
+        rows = torch.randn(2 * b, generator=torch.Generator().manual_seed(b)) * 4
+        if b > 2:
+            rows[1], rows[2] = float("nan"), 0.0
+        for g_out, scale in ((rows[:b].contiguous(), torch.tensor(1.0)), (torch.tensor(0.75).expand(b), torch.tensor(1.0)),
+                             (rows[::2], torch.tensor(1.0 / 3))):
+            assert_same_bits(emu_scale_grad(emu, grad, g_out, scale, True), _formula_backward(grad, g_out, scale, True))
+    for b, c, dims in ((7, 5, (3, 2)), (3, 300, (5,))):
+        grad = _saved_grad((b, c) + dims, dtype, seed=c)
+        rows = torch.randn((b,) + dims, generator=torch.Generator().manual_seed(c))
+        for g_out, scale in ((rows, torch.tensor(1.0)), (torch.tensor(-1.5).expand((b,) + dims), torch.tensor(0.1))):
+            assert_same_bits(emu_scale_grad(emu, grad, g_out, scale, True), _formula_backward(grad, g_out, scale, True))
 
 
 # ---- which rows count: member, rows, epoch (fastsel/ops.py) on the emulated kernels ------------
@@ -706,6 +800,75 @@ def test_gpu_strict_rows_raise_the_reference_messages():
         assert type(got.value) is type(want.value) and str(got.value) == str(want.value)
         for t, u in zip(st + [rows], before):
             assert torch.equal(t, u)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_backward_is_the_formula_bit_for_bit(dtype):
+    """The CUDA backward (autograd.cpp -> one scale_grad launch) against fastsel/ops.py's
+    formula run on the same device, bit for bit, for every reduction and grad_output form."""
+    dev, n = "cuda", 5000
+    for b, c in ((300, 7), (1024, 1000)):
+        x, y, i = _batch(b, c, n, seed=b + c, dtype=dtype, dup_pool=50)
+        x, y, i = x.to(dev).requires_grad_(True), y.to(dev), i.to(dev)
+        for red in ("mean", "sum", "none"):
+            args = (None, None, torch.tensor(4, device=dev), None, -100, 0.1, 0.3, RED[red], False, True, True)
+            out, grad, scale = _gpu_op("ce_step")(x, y, i, *_to(make_state(n, 1), dev), *args)
+            gos = [torch.ones_like(out), torch.rand_like(out) * 3 - 1]
+            if red == "none":
+                gos += [torch.ones((), device=dev).expand(b), torch.rand(2 * b, device=dev)[::2]]
+            for go in gos:
+                got, = torch.autograd.grad(out, x, go, retain_graph=True)
+                assert_same_bits(got, _formula_backward(grad, go, scale, red == "none"))
+
+
+#: Runtime / driver calls that launch a kernel (bench/gpu_fastpath.py's LAUNCH_CALLS).
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
+
+
+def _launches(fn):
+    """(kernel-launch calls, names of the device kernels) of one ``fn()`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    launches = sum(e.name in LAUNCH_CALLS for e in prof.events())
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not re.search(r"memcpy|memset", e.name, re.IGNORECASE)]
+    return launches, kernels
+
+
+@needs_gpu
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_loss_backward_is_one_launch(reduction):
+    """sampler.loss(...) on the cuda backend: its backward is ONE launch (scale_grad_kernel),
+    grad_output and grad_scale read on the device, no copy; with the engine's own grad_output
+    (loss.backward() of a scalar: its ones fill) two in all, one of them ours."""
+    import fastsel
+    dev, b, c = "cuda", 256, 100
+    s = fastsel.Sampler(b * 64, "uniform", budget=1.0, epochs=1, seed=0, backend="cuda", device=dev,
+                        reduction=reduction)
+    iter(s)  # draws the epoch: the loss calls count towards it
+    idx = torch.as_tensor(s.epoch_array()[:b]).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(b, c, device=dev, generator=g).requires_grad_(True)
+    y = torch.randint(0, c, (b,), device=dev, generator=g)
+    go = torch.full((b,) if reduction == "none" else (), 0.5, device=dev)
+    for _ in range(2):  # warm-up: the scratch, the allocator's blocks
+        x.grad = None
+        s.loss(x, y, idx).backward(go)
+    x.grad = None
+    out = s.loss(x, y, idx)
+    launches, kernels = _launches(lambda: out.backward(go))
+    assert launches == 1 and len(kernels) == 1 and "scale_grad_kernel" in kernels[0], (launches, kernels)
+    if reduction == "mean":
+        x.grad = None
+        out = s.loss(x, y, idx)
+        launches, kernels = _launches(out.backward)
+        assert launches == 2 and len(kernels) == 2, (launches, kernels)
+        assert sum("scale_grad_kernel" in k for k in kernels) == 1, kernels
 
 
 @needs_gpu
