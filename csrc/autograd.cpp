@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -54,42 +55,16 @@ bool plain_cuda(const at::Tensor& t) {
 
 // ---- ce_step ------------------------------------------------------------------------------------
 
-// The op's arguments after logits, as its kernels take them (CeStepFn).
-struct CeStepArgs {
-  const at::Tensor& target;
-  const at::Tensor& indices;
-  at::Tensor& state_loss;
-  at::Tensor& state_loss_var;
-  at::Tensor& state_p_true;
-  at::Tensor& state_seen;
-  at::Tensor& state_last_epoch;
-  const at::Tensor& state_weight;
-  at::Tensor& stats;
-  at::Tensor& errors;
-  const std::optional<at::Tensor>& member;
-  const std::optional<at::Tensor>& rows;
-  const at::Tensor& epoch;
-  const std::optional<at::Tensor>& class_weight;
-  int64_t ignore_index;
-  double label_smoothing, ema;
-  int64_t reduction;
-  bool strict, update, need_grad;
-};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_below(const at::Tensor& logits, const CeStepArgs& a) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastsel::ce_step_csrc", "").typed<CeStepFn>();
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(logits, a.target, a.indices, a.state_loss, a.state_loss_var, a.state_p_true, a.state_seen,
-                 a.state_last_epoch, a.state_weight, a.stats, a.errors, a.member, a.rows, a.epoch, a.class_weight,
-                 a.ignore_index, a.label_smoothing, a.ema, a.reduction, a.strict, a.update, a.need_grad);
-}
+// The op's kernel below autograd on the call's other arguments: how each Function's forward,
+// and a call that needs no graph, reaches it.
+using CeStepBelow = std::function<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&)>;
 
 struct CeStepFunction : public torch::autograd::Function<CeStepFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const CeStepArgs* a) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const CeStepBelow* below,
+                               int64_t reduction) {
     ctx->set_materialize_grads(false);
-    auto [out, grad, scale] = ce_step_below(logits, *a);
-    ctx->saved_data["per_row"] = a->reduction == layout::REDUCTION_NONE;
+    auto [out, grad, scale] = (*below)(logits);
+    ctx->saved_data["per_row"] = reduction == layout::REDUCTION_NONE;
     ctx->save_for_backward({grad, scale});
     ctx->mark_non_differentiable({grad, scale});
     return {out, grad, scale};
@@ -102,24 +77,24 @@ struct CeStepFunction : public torch::autograd::Function<CeStepFunction> {
   // built (create_graph with a g_out that requires grad); the formula otherwise.
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     const at::Tensor& g_out = g[0];
-    if (!g_out.defined()) return {at::Tensor(), at::Tensor()};
+    if (!g_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad = saved[0];
     const at::Tensor& scale = saved[1];
     const bool per_row = ctx->saved_data["per_row"].toBool();
-    if (!per_row && host_one(g_out) && host_one(scale)) return {grad, at::Tensor()};
+    if (!per_row && host_one(g_out) && host_one(scale)) return {grad, at::Tensor(), at::Tensor()};
     if (grad.is_cuda()) {
       const ScaleGradFn fused = cuda_scale_grad();
       if (fused != nullptr && plain_cuda(grad) && plain_cuda(g_out) && plain_cuda(scale) &&
           !(at::GradMode::is_enabled() && g_out.requires_grad())) {
         at::Tensor gi = fused(grad, g_out, scale, per_row);
-        if (gi.defined()) return {gi, at::Tensor()};
+        if (gi.defined()) return {gi, at::Tensor(), at::Tensor()};
       }
     }
     at::Tensor s = g_out.to(at::kFloat) * scale;
     if (per_row) s = s.unsqueeze(1);
     at::Tensor gi = grad.scalar_type() == at::kFloat ? grad * s : (grad.to(at::kFloat) * s).to(grad.scalar_type());
-    return {gi, at::Tensor()};
+    return {gi, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -130,51 +105,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_autograd(
     const std::optional<at::Tensor>& rows, const at::Tensor& epoch, const std::optional<at::Tensor>& class_weight,
     int64_t ignore_index, double label_smoothing, double ema, int64_t reduction, bool strict, bool update,
     bool need_grad) {
-  const CeStepArgs a{target,       indices,    state_loss, state_loss_var, state_p_true,
-                     state_seen,   state_last_epoch, state_weight, stats, errors,
-                     member,       rows,       epoch,      class_weight,   ignore_index,
-                     label_smoothing, ema,     reduction,  strict,         update,
-                     need_grad};
-  if (!(at::GradMode::is_enabled() && logits.requires_grad())) return ce_step_below(logits, a);
-  const variable_list r = CeStepFunction::apply(logits, &a);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastsel::ce_step_csrc", "").typed<CeStepFn>();
+  const CeStepBelow below = [&](const at::Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, target, indices, state_loss, state_loss_var, state_p_true, state_seen, state_last_epoch,
+                   state_weight, stats, errors, member, rows, epoch, class_weight, ignore_index, label_smoothing,
+                   ema, reduction, strict, update, need_grad);
+  };
+  if (!(at::GradMode::is_enabled() && logits.requires_grad())) return below(logits);
+  const variable_list r = CeStepFunction::apply(logits, &below, reduction);
   return {r[0], r[1], r[2]};
 }
 
 // ---- observe ------------------------------------------------------------------------------------
 
-// The op's arguments after losses, as its kernels take them (ObserveFn).
-struct ObserveArgs {
-  const std::optional<at::Tensor>& probs;
-  const at::Tensor& indices;
-  at::Tensor& state_loss;
-  at::Tensor& state_loss_var;
-  at::Tensor& state_p_true;
-  at::Tensor& state_seen;
-  at::Tensor& state_last_epoch;
-  const at::Tensor& state_weight;
-  at::Tensor& stats;
-  at::Tensor& errors;
-  const std::optional<at::Tensor>& member;
-  const std::optional<at::Tensor>& rows;
-  const at::Tensor& epoch;
-  double ema;
-  int64_t reduction;
-  bool strict, update;
-};
-
-std::tuple<at::Tensor, at::Tensor> observe_below(const at::Tensor& losses, const ObserveArgs& a) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastsel::observe_csrc", "").typed<ObserveFn>();
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(losses, a.probs, a.indices, a.state_loss, a.state_loss_var, a.state_p_true, a.state_seen,
-                 a.state_last_epoch, a.state_weight, a.stats, a.errors, a.member, a.rows, a.epoch, a.ema,
-                 a.reduction, a.strict, a.update);
-}
+using ObserveBelow = std::function<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>;
 
 struct ObserveFunction : public torch::autograd::Function<ObserveFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& losses, const ObserveArgs* a) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& losses, const ObserveBelow* below) {
     ctx->set_materialize_grads(false);
-    auto [out, row_scale] = observe_below(losses, *a);
+    auto [out, row_scale] = (*below)(losses);
     ctx->saved_data["dtype"] = losses.scalar_type();
     ctx->save_for_backward({row_scale});
     ctx->mark_non_differentiable({row_scale});
@@ -199,10 +150,15 @@ std::tuple<at::Tensor, at::Tensor> observe_autograd(
     at::Tensor& state_last_epoch, const at::Tensor& state_weight, at::Tensor& stats, at::Tensor& errors,
     const std::optional<at::Tensor>& member, const std::optional<at::Tensor>& rows, const at::Tensor& epoch,
     double ema, int64_t reduction, bool strict, bool update) {
-  const ObserveArgs a{probs,  indices, state_loss, state_loss_var, state_p_true, state_seen, state_last_epoch,
-                      state_weight, stats, errors, member, rows, epoch, ema, reduction, strict, update};
-  if (!(at::GradMode::is_enabled() && losses.requires_grad())) return observe_below(losses, a);
-  const variable_list r = ObserveFunction::apply(losses, &a);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastsel::observe_csrc", "").typed<ObserveFn>();
+  const ObserveBelow below = [&](const at::Tensor& x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, probs, indices, state_loss, state_loss_var, state_p_true, state_seen, state_last_epoch,
+                   state_weight, stats, errors, member, rows, epoch, ema, reduction, strict, update);
+  };
+  if (!(at::GradMode::is_enabled() && losses.requires_grad())) return below(losses);
+  const variable_list r = ObserveFunction::apply(losses, &below);
   return {r[0], r[1]};
 }
 

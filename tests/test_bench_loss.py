@@ -86,3 +86,16 @@ def test_bench_script_writes_the_results_file(tmp_path, monkeypatch):
     assert {"device", "command", "machine", "rows"} <= set(doc)
     assert doc["device"] == "cpu" and "bench_loss.py" in doc["command"] and doc["machine"]["torch"]
     assert len(doc["rows"]) == 2 and set(doc["rows"][0]) == ROW_KEYS
+
+
+def test_loop_bench_writes_its_results(tmp_path):
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_loop.py")
+    spec = importlib.util.spec_from_file_location("bench_loop_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = str(tmp_path / "loop.json")
+    assert mod.main(["--runs", "2", "--epochs", "1", "--out", out]) == 0
+    doc = json.load(open(out))
+    assert len(doc["ratio_per_run"]) == 2 and doc["ratio_median"] > 0
+    assert all(f > 0 and p > 0 for f, p in zip(doc["fastsel_s"], doc["plain_s"]))
+    assert "bench_loop.py" in doc["command"]
