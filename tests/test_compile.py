@@ -206,3 +206,19 @@ def test_a_compiled_call_with_a_stray_row_masks_it_and_raises_at_the_next_pass()
     with pytest.raises(ValueError, match=rf"1 row\(s\) given to the loss call in epoch 0 were samples "
                                          rf"it did not select, e.g. {stray}"):
         list(s)
+
+
+def test_a_compiled_call_past_the_shard_is_counted_and_raised_at_the_next_pass():
+    torch._dynamo.reset()
+    s = fastsel.Sampler(40, budget=0.5, epochs=3, seed=0, backend="reference", strict=False)
+    f = torch.compile(lambda x, y, i: s.loss(x, y, i), fullgraph=True)
+    chosen = torch.tensor(list(s))                  # 20 rows
+    x, y = torch.randn(12, 3), torch.zeros(12, dtype=torch.long)
+    f(x, y, chosen[:12])
+    assert s.state_dict()["position"] == 12         # a mid-epoch checkpoint sees compiled rows
+    before = s.state.seen.clone()
+    f(x, y, chosen[8:20])                           # 12 more would take the epoch to 24 of 20
+    assert torch.equal(s.state.seen, before) and s.position == 12
+    with pytest.raises(ValueError, match=r"12 row\(s\) were given to the loss call when they would "
+                                         r"have taken epoch 0 to 24 rows, past this rank's shard"):
+        list(s)
