@@ -1,7 +1,7 @@
 """fastsel: data-loader-level sample selection for budgeted PyTorch training.
 
     train = fastsel.with_indices(train_set)
-    sampler = fastsel.Sampler(train, policy="tftb", budget=0.3, epochs=30)
+    sampler = fastsel.Sampler(train, budget=0.3, epochs=30)   # policy="uniform", the default
     loader = DataLoader(train, batch_size=256, sampler=sampler)
     sched = fastsel.BudgetLR(optimizer, sampler)
     for epoch in sampler.epochs():

@@ -351,7 +351,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         Pure: no selection pass, no collective. Under a time budget, before the epoch is
         drawn, it is the policy's share; the pass may fit it to the time left."""
         e = self._next_epoch()
-        if self.budget.past_end(e):
+        if self.budget.past_end(e) or self.budget.time_up():   # this process's clock: no collective
             return 0
         k = self._selection.numel() if e == self._selection_epoch else self.budget.epoch_count(self.n)  # type: ignore[union-attr]
         return self.shard.length(k)
@@ -412,7 +412,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         ``logits`` [B, C] or [B, C, d1, ..., dk]; ``target`` class indices [B] or
         [B, d1, ..., dk] (``ignore_index`` allowed), or class probabilities of the logits'
         shape (mixup, CutMix). ``indices`` [B]: each row's sample, rows of the epoch being
-        iterated (see README "What counts"). A sample's observation is the mean loss of its
+        iterated (see docs/contract.md). A sample's observation is the mean loss of its
         non-ignored elements. ``reduction`` overrides the sampler's for this call.
         ``update=False`` computes the same loss and changes nothing: for any forward whose
         rows must not count (a sanity check, an evaluation pass, a second pass).

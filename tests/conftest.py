@@ -23,7 +23,7 @@ def _cases():
     cases = []
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for name in available(device):
-            case = BackendCase(name if device == "cpu" else f"{name}")
+            case = BackendCase(name)
             case.device = device
             cases.append(case)
     return cases

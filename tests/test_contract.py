@@ -184,7 +184,7 @@ def test_iterating_past_a_time_budget_yields_nothing(monkeypatch):
     assert clock[0] == 1.0
     with pytest.warns(UserWarning, match="budget is spent"):
         assert list(s) == []
-    assert list(s) == [] and len(s) >= 0
+    assert list(s) == [] and len(s) == 0
 
 
 # ---- 3. len() is pure and whole ----------------------------------------------------------------

@@ -264,7 +264,7 @@ def test_a_beton_whose_ids_are_not_its_positions_is_refused(tmp_path):
 
 def test_readme_subset_example_runs(beton):
     import re
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "ffcv.md")) as f:
         block = next(b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S) if "sampler_ids" in b)
     for real, small in (('device="cuda"', "device=None"), ("epochs=30", "epochs=2"), ("num_workers=8", "num_workers=1"),
                         ("batch_size=256", "batch_size=16")):  # a 240-sample file, on the CPU
@@ -273,7 +273,7 @@ def test_readme_subset_example_runs(beton):
     labels = digits()[1]
     keep = labels != 0  # every file sample but the zeros
     scope = {"np": np, "fastsel": fastsel, "Loader": Loader, "path": beton, "keep": keep, "model": TinyCNN()}
-    exec(compile(block, "README.md", "exec"), scope)
+    exec(compile(block, "docs/ffcv.md", "exec"), scope)
     s, order, ids = scope["sampler"], scope["order"], scope["ids"]
     assert s.n == int(keep.sum()) and s.summary()["passes"] >= 2 * 4 * 16
     assert int(s.state.seen.sum()) == s.summary()["passes"]

@@ -1,17 +1,69 @@
-"""The README's example runs as written, and its commands are the ones CI uses."""
+"""The README's and docs/'s examples run as written, and the README's commands are the ones
+CI uses. Each example block is found by a marker it contains, wherever it lives (README.md or
+a page of docs/), and every `python` block of those files is run by some test."""
+import glob
 import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
-def readme():
-    with open(os.path.join(ROOT, "README.md")) as f:
+def read(page):
+    with open(os.path.join(ROOT, page)) as f:
         return f.read()
 
 
+def readme():
+    return read("README.md")
+
+
+def blocks_of(page):
+    return re.findall(r"```python\n(.*?)```", read(page), re.S)
+
+
 def python_blocks():
-    return re.findall(r"```python\n(.*?)```", readme(), re.S)
+    """The README's blocks first (its first is the quick start), then docs/'s, page by page."""
+    return [b for page in PAGES for b in blocks_of(page)]
+
+
+def page_of(block):
+    return next(page for page in PAGES if block in blocks_of(page))
+
+
+def find(mark):
+    return next(b for b in python_blocks() if mark in b)
+
+
+#: The marker of each block the tests below run, and the blocks run elsewhere.
+RUN_HERE = ("sampler.summary())", "SelectiveStep(model, \"sb\"", "ignore_index=255)", "Beta(0.4, 0.4)",
+            "sampler.observe(focal", "torch.compile(", "update=False)   # counts nothing",
+            "SamplerCallback(sampler)", "accelerator.prepare(")
+RUN_ELSEWHERE = {
+    "order.sampler_ids(ids)": "tests/test_ffcv.py runs docs/ffcv.md's subset example on a small .beton",
+    "write_beton(train_set": "needs the user's train_set, model and a GPU: the API is run by tests/test_ffcv.py",
+}
+
+
+def test_every_python_block_is_run():
+    assert len(PAGES) > 10
+    for page in PAGES:
+        for block in blocks_of(page):
+            assert any(m in block for m in RUN_HERE + tuple(RUN_ELSEWHERE)), (page, block[:200])
+    for mark in RUN_HERE:
+        assert find(mark)
+
+
+def test_docs_links_resolve():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", read(page)):
+            assert os.path.exists(os.path.normpath(os.path.join(ROOT, os.path.dirname(page), target))), (page, target)
+
+
+def test_readme_is_short_and_the_quick_start_uses_the_default_policy():
+    assert len(readme().splitlines()) <= 250
+    quick = blocks_of("README.md")[0]
+    assert "policy=\"tftb\"" not in quick and "fastsel.Sampler(train, budget=" in quick
 
 
 def test_readme_example_runs(tmp_path, monkeypatch, capsys):
@@ -26,10 +78,10 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_readme_selective_step_example_runs(tmp_path, monkeypatch):
-    block = next(b for b in python_blocks() if "SelectiveStep" in b)
+    block = find("SelectiveStep(model, \"sb\"")
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(block, "README.md", "exec"), scope)
+    exec(compile(block, page_of(block), "exec"), scope)
     summary = scope["step"].summary()
     assert scope["sampler"].summary()["passes"] == 4 * 300
     assert 0 < summary["backward_passes"] < summary["forward_passes"]
@@ -45,11 +97,11 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_loss_examples_run(tmp_path, monkeypatch):
     """The segmentation, mixup, focal-loss (observe) and torch.compile examples run as written."""
     marks = ("ignore_index=255", "Beta(0.4, 0.4)", "sampler.observe(focal", "torch.compile(")
-    blocks = [next(b for b in python_blocks() if m in b) for m in marks]
+    blocks = [find(m) for m in marks]
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         scope = {}
-        exec(compile(block, "README.md", "exec"), scope)
+        exec(compile(block, page_of(block), "exec"), scope)
         s = scope["sampler"]
         assert s.summary()["passes"] == s.summary()["passes_full_training"] // 2
         assert int((s.state.seen > 0).sum()) > 0
@@ -60,14 +112,14 @@ def test_readme_evaluation_with_update_false_runs(tmp_path, monkeypatch):
     import textwrap
     import torch
     blocks = python_blocks()
-    snippet = textwrap.dedent(next(b for b in blocks if "update=False)   # counts nothing" in b))
+    snippet = textwrap.dedent(find("update=False)   # counts nothing"))
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(blocks[0], "README.md", "exec"), scope)
     s = scope["sampler"]
     before = (s.position, s.summary()["passes"], s.state.seen.clone())
     scope.update(xv=scope["x"][:50], yv=scope["y"][:50], iv=torch.arange(50))
-    exec(compile(snippet, "README.md", "exec"), scope)
+    exec(compile(snippet, os.path.join("docs", "contract.md"), "exec"), scope)
     assert torch.isfinite(scope["val_loss"])
     assert (s.position, s.summary()["passes"]) == before[:2] and torch.equal(s.state.seen, before[2])
 
@@ -80,12 +132,14 @@ def test_readme_lightning_and_accelerate_examples_run(tmp_path, monkeypatch):
     accelerate = pytest.importorskip("accelerate")
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(next(b for b in python_blocks() if "SamplerCallback(sampler)" in b), "README.md", "exec"), scope)
+    block = find("SamplerCallback(sampler)")
+    exec(compile(block, page_of(block), "exec"), scope)
     assert scope["trainer"].current_epoch == 10 and scope["sampler"].summary()["passes"] == 10 * 300
     assert scope["trainer"].optimizers[0].param_groups[0]["lr"] == 0.0
     scope = {}
     try:
-        exec(compile(next(b for b in python_blocks() if "accelerator.prepare(" in b), "README.md", "exec"), scope)
+        block = find("accelerator.prepare(")
+        exec(compile(block, page_of(block), "exec"), scope)
     finally:
         accelerate.state.AcceleratorState._reset_state(True)
         accelerate.state.GradientState._reset_state()

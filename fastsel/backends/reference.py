@@ -3,7 +3,7 @@
 It is the oracle every other implementation meets, and it runs the target forms and ops an
 implementation has no kernel for. No Python loop over samples or rows, no host
 synchronisation unless strict mode asks for an immediate range check. The semantics of
-every op are in ``fastsel.ops`` and in README's "The loss call".
+every op are in ``fastsel.ops`` and in docs/loss.md.
 """
 from __future__ import annotations
 

@@ -20,11 +20,6 @@ if TYPE_CHECKING:  # pragma: no cover
 TopK = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def round_half_up(x: float) -> int:
-    """Round to the nearest integer, halves up (Python's round() goes to even)."""
-    return int(math.floor(x + 0.5))
-
-
 def batch_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the k largest values, in rank order; ties go to the lower position and
     NaN ranks last (a stable descending sort, so the result is deterministic)."""

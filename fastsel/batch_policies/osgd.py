@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 import torch
 
 from ..state import check_fields, check_real
-from .base import BatchPolicy, check_keep, round_half_up
+from ..policies.base import round_half_up
+from .base import BatchPolicy, check_keep
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..selective import SelectiveStep

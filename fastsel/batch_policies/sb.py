@@ -9,7 +9,8 @@ import torch
 
 from .. import rng
 from ..state import check_fields, check_int, check_real, check_tensor, refuse
-from .base import BatchPolicy, batch_topk, check_keep, check_scale_factor, round_half_up
+from ..policies.base import round_half_up
+from .base import BatchPolicy, batch_topk, check_keep, check_scale_factor
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..selective import SelectiveStep

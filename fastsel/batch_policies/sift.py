@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..state import check_fields, check_int, check_real, refuse
-from .base import BatchPolicy, check_keep, round_half_up, spearman
+from ..policies.base import round_half_up
+from .base import BatchPolicy, check_keep, spearman
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..selective import SelectiveStep

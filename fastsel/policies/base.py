@@ -1,6 +1,8 @@
 """What every epoch-level policy is: a key per sample, then keep the k largest."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -11,8 +13,9 @@ from ..state import SampleState, check_policy_state
 
 
 def round_half_up(x: float) -> int:
-    """Round to the nearest integer, halves up (Python's round() goes to even)."""
-    return int(x + 0.5)
+    """Round to the nearest integer, halves up (Python's round() goes to even): the one
+    rounding rule of every count (epoch-level and batch-level policies, the budget)."""
+    return int(math.floor(x + 0.5))
 
 
 @dataclass
