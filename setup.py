@@ -27,7 +27,8 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["fastsel", "fastsel.backends", "fastsel.policies", "fastsel.batch_policies", "fastsel.kernels"]
+PACKAGES = ["fastsel", "fastsel.backends", "fastsel.policies", "fastsel.batch_policies",
+            "fastsel.experiments", "fastsel.kernels"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 

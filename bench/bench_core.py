@@ -4,14 +4,14 @@ plain-PyTorch way in the same benchmark group (the ratio is read off the group).
     .venv/bin/python -m pytest bench/bench_core.py --benchmark-only \
         --benchmark-json bench/results/core_<device>.json
 
-Cases come from ``fastsel.bench`` (the same code ``fastsel bench`` times). Nothing here
+Cases come from ``fastsel.experiments.bench`` (the same code ``fastsel bench`` times). Nothing here
 asserts a time.
 """
 import pytest
 import torch
 
 from fastsel.backends import available
-from fastsel.bench import FULL_SELECT, FULL_STEP, select_case, step_case
+from fastsel.experiments.bench import FULL_SELECT, FULL_STEP, select_case, step_case
 
 DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 CASES = [(d, b) for d in DEVICES for b in available(d, auto=True)]

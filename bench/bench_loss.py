@@ -7,7 +7,7 @@ Sampler (state update included) against bare ``F.cross_entropy(logits, target).b
     .venv/bin/python bench/bench_loss.py --device cuda    # -> bench/results/loss_cost_cuda.json
     .venv/bin/python -m pytest bench/bench_loss.py --benchmark-only   # pytest-benchmark
 
-The script times both sides in interleaved blocks and reports medians (``fastsel.bench.
+The script times both sides in interleaved blocks and reports medians (``fastsel.experiments.bench.
 bench_loss_cost``; ``fastsel bench`` prints the same table). Targets (issue 11, never
 asserted): on the CPU, ``cpu`` backend <= 1.10x bare CE for C >= 100 and K-dim, <= 1.5x at
 C = 10; on a GPU, host time per call <= 60 us. The load average before and after is written
@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from fastsel.backends import available  # noqa: E402
-from fastsel.bench import LOSS_CASES, LossCase, format_loss_cost, run_loss_cost  # noqa: E402
+from fastsel.experiments.bench import LOSS_CASES, LossCase, format_loss_cost, run_loss_cost  # noqa: E402
 from fastsel.machine import machine  # noqa: E402
 
 DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]

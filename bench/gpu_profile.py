@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastsel.backends import available  # noqa: E402
-from fastsel.bench import select_case, step_case  # noqa: E402
+from fastsel.experiments.bench import select_case, step_case  # noqa: E402
 
 STEPS = [(256, 10), (1024, 100), (4096, 1000)]
 SELECTS = [50_000, 1_280_000, 10_000_000]

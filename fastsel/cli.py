@@ -18,7 +18,7 @@ import shlex
 import sys
 from typing import Dict, Callable, List, NoReturn, Optional
 
-from .compare import DEFAULT_BUDGETS, DEFAULT_POLICIES
+from .experiments.compare import DEFAULT_BUDGETS, DEFAULT_POLICIES
 
 
 def _number(cast: type, ok: Callable[[float], bool], expect: str) -> Callable[[str], float]:
@@ -295,7 +295,7 @@ def _check_training_args(args: argparse.Namespace) -> None:
 def _check_plan(args: argparse.Namespace, specs: list, n: int) -> None:
     """Build every run's sampler once before training starts, so a combination the Sampler
     refuses (its ``ValueError``) is an argument error now, not a traceback hours later."""
-    from .train import make_sampler
+    from .experiments.train import make_sampler
     seen = set()
     for spec in specs:
         key = (spec.policy, spec.budget, spec.time_budget)
@@ -312,7 +312,7 @@ def _check_plan(args: argparse.Namespace, specs: list, n: int) -> None:
 
 def _compare(args: argparse.Namespace, argv: List[str], policies: List[str], budgets: List[float],
              time_budget: Optional[float], dataset: str) -> int:
-    from . import compare, datasets
+    from .experiments import compare, datasets
     kwargs = {}
     if dataset == "synthetic":
         kwargs = dict(n_train=args.n_train, n_test=args.n_test, label_noise=args.label_noise,
@@ -400,7 +400,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         budgets = list(DEFAULT_BUDGETS) if args.budgets is None else args.budgets
         return _compare(args, argv, args.policies, budgets, args.time_budget, args.dataset)
     if args.command == "report":
-        from .report import load_results, write_report
+        from .experiments.report import load_results, write_report
         try:  # what results.json holds is part of the argument
             load_results(args.results_dir)
         except json.JSONDecodeError as e:
@@ -415,7 +415,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _bench(args: argparse.Namespace, argv: List[str]) -> int:
     """``fastsel bench``: the step and selection table, then the loss-call table."""
-    from . import bench
+    from .experiments import bench
     if args.full and args.loss_only:
         _fail(args, "--full", "--full sizes the step and selection grid, which --loss-only skips: give one")
     names = args.backends

@@ -1,4 +1,4 @@
-"""The loss-call benchmark (``fastsel.bench.bench_loss_cost``, ``fastsel bench``,
+"""The loss-call benchmark (``fastsel.experiments.bench.bench_loss_cost``, ``fastsel bench``,
 bench/bench_loss.py) on tiny shapes with the reference backend: rows, table and JSON have
 the promised structure, both sides compute the same loss, and the sampler's epoch position
 stays valid. No time is asserted."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastsel import bench
+from fastsel.experiments import bench
 from fastsel.cli import main
 
 TINY = [((8, 5), (8,)), ((2, 3, 4, 4), (2, 4, 4))]

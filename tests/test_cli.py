@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import fastsel
-from fastsel import bench, compare, datasets
+from fastsel.experiments import bench, compare, datasets
 from fastsel.cli import build_parser, main
-from fastsel.report import plots, write_report
+from fastsel.experiments.report import plots, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -280,7 +280,7 @@ def test_every_argument_error_is_one_error_line_and_exit_2(paths, capsys, monkey
 
 
 def test_a_bad_backend_is_refused_before_any_training(monkeypatch, capsys):
-    from fastsel import train
+    from fastsel.experiments import train
     monkeypatch.setattr(train, "train_one", lambda *a, **k: pytest.fail("trained with a bad --backend"))
     with pytest.raises(SystemExit) as e:
         main(["compare", "--backend", "bogus", "--epochs", "1", "--seeds", "1", "--no-progress"])
@@ -292,7 +292,7 @@ def test_a_bad_backend_is_refused_before_any_training(monkeypatch, capsys):
 
 def test_a_combination_the_sampler_refuses_is_an_argument_error(monkeypatch, capsys, tmp_path):
     """Every run's Sampler is built before training: its ValueError becomes the error line."""
-    from fastsel import train
+    from fastsel.experiments import train
     real = train.make_sampler
 
     def refuse_tftb(spec, data):
@@ -378,7 +378,7 @@ def test_backends_say_plainly_which_need_a_gpu_this_machine_lacks(monkeypatch, c
 
 
 def test_verdict_with_fewer_than_three_seeds_says_it_cannot_judge():
-    from fastsel.compare import aggregate, verdict
+    from fastsel.experiments.compare import aggregate, verdict
     runs = [dict(policy=p, budget="0.3", seed=s, accuracy=a, wall_s=1.0, selection_s=0.0, forward=1,
                  backward=1, passes_full=2, entropy=0.0, test_size=100)
             for s in (0, 1) for p, a in (("uniform", 0.80), ("tftb", 0.85))]
@@ -389,7 +389,7 @@ def test_verdict_with_fewer_than_three_seeds_says_it_cannot_judge():
 
 
 def test_speedup_is_the_median_of_per_seed_ratios_with_its_range():
-    from fastsel.compare import aggregate
+    from fastsel.experiments.compare import aggregate
     runs = [dict(policy=p, budget=b, seed=s, accuracy=0.5, wall_s=w, selection_s=0.0, forward=1, backward=1,
                  passes_full=2, entropy=0.0)
             for s, wf, wu in ((0, 10.0, 5.0), (1, 10.0, 2.0), (2, 10.0, 4.0))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastsel
 from fastsel.backends import available
-from fastsel.bench import top_level_ops
+from fastsel.experiments.bench import top_level_ops
 
 BACKENDS = [b for b in ("cpu", "reference") if b in available("cpu")]
 def inputs(form, b=6, c=5):

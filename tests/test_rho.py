@@ -8,13 +8,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 import fastsel
-from fastsel import compare, datasets
+from fastsel.experiments import compare, datasets
 from fastsel.backends import available, get_backend
 from fastsel.cli import main
 from fastsel.policies import SelectionContext, make_policy
 from fastsel.policies.rho import RHO, fit_irreducible, irreducible_losses
 from fastsel.state import SampleState
-from fastsel.train import RunSpec, make_sampler, rho_plan, train_one
+from fastsel.experiments.train import RunSpec, make_sampler, rho_plan, train_one
 
 # loss EMA, irreducible loss and their difference (exact in float32):
 LOSS = [1.0, 2.0, 0.5, 3.0, 2.5, 1.5, 0.2, 2.0]

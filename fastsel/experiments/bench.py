@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from .backends import available, get_backend
-from .config import LossConfig
-from .state import SampleState
+from ..backends import available, get_backend
+from ..config import LossConfig
+from ..state import SampleState
 
 QUICK_STEP = [(256, 10), (1024, 100)]
 FULL_STEP = [(b, c) for b in (256, 1024, 4096) for c in (10, 100, 1000)]
@@ -124,7 +124,7 @@ def format_results(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def save(rows: Sequence[Dict[str, Any]], path: str, command: str) -> None:
-    from .machine import machine
+    from ..machine import machine
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump({"command": command, "machine": machine(), "results": list(rows)}, f, indent=1)
@@ -180,7 +180,7 @@ class LossCase:
 
     def __init__(self, backend: str, logits_shape: Sequence[int], target_shape: Sequence[int],
                  device: str = "cpu", n: int = LOSS_N, seed: int = 0) -> None:
-        from .sampler import Sampler
+        from ..sampler import Sampler
         g = torch.Generator(device=device).manual_seed(seed)
         self.device = torch.device(device)
         self.logits = torch.randn(tuple(logits_shape), device=device, generator=g).requires_grad_(True)

@@ -174,7 +174,7 @@ def image_folder(root: str, size: int = 32, seed: int = 0, test_share: float = 0
 def _read_beton(path: str) -> Tuple[torch.Tensor, torch.Tensor]:
     from ffcv.loader import Loader, OrderOption
 
-    from .ffcv import pipelines
+    from ..ffcv import pipelines
     if not os.path.isfile(path):
         raise ValueError(f".beton {path!r} does not exist")
     loader = Loader(path, batch_size=512, num_workers=1, order=OrderOption.SEQUENTIAL,

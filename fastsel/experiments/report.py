@@ -5,6 +5,8 @@ import json
 import os
 from typing import Any, Dict, List
 
+from .tables import aggregate, format_table, verdict
+
 #: The plots every report has; ``selection_counts_<budget>.png`` come beside them, one per budget.
 PLOTS = ("accuracy_vs_budget.png", "accuracy_vs_time.png")
 MARKERS = "osD^v<>Pp*hX"
@@ -32,7 +34,6 @@ def plot(doc: Dict[str, Any], out_dir: str) -> List[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .compare import aggregate
     runs = doc["runs"]
     rows = aggregate(runs)
     written = []
@@ -107,7 +108,6 @@ def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, out_dir: st
 
 
 def markdown(doc: Dict[str, Any]) -> str:
-    from .compare import aggregate, format_table, verdict
     rows = aggregate(doc["runs"])
     meta = doc.get("meta", {})
     m = meta.get("machine", {})

@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from .indexed import with_indices
-from .policies.rho import IrreducibleFit, fit_irreducible
-from .sampler import Sampler
-from .schedule import BudgetLR
+from ..indexed import with_indices
+from ..policies.rho import IrreducibleFit, fit_irreducible
+from ..sampler import Sampler
+from ..schedule import BudgetLR
 
 
 def conv_bn(cin: int, cout: int) -> List[nn.Module]:

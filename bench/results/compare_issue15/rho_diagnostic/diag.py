@@ -6,9 +6,9 @@ that land on near-copies and on mislabelled samples. Same data and recipe as the
 runs (n_train 1500, n_test 1000, 10 epochs, batch 32, OMP_NUM_THREADS=1)."""
 import json, sys
 import torch
-from fastsel import datasets
-import fastsel.train as T
-from fastsel.train import RunSpec, holdout_split, train_one
+from fastsel.experiments import datasets
+import fastsel.experiments.train as T
+from fastsel.experiments.train import RunSpec, holdout_split, train_one
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 1500
 SETTINGS = {"clean": {}, "noisy": {"label_noise": 0.2}, "redundant": {"redundancy": 0.5},

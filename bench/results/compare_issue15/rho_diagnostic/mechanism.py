@@ -1,7 +1,7 @@
 import torch
-from fastsel import datasets
-import fastsel.train as T
-from fastsel.train import RunSpec, holdout_split, train_one
+from fastsel.experiments import datasets
+import fastsel.experiments.train as T
+from fastsel.experiments.train import RunSpec, holdout_split, train_one
 cap = {}
 orig = T.make_sampler
 def spy(spec, data, **kw):
