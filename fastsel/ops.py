@@ -260,7 +260,7 @@ def ce_step(impl: str, logits: torch.Tensor, target: torch.Tensor, indices: torc
     tuple) with ``cfg``'s settings; returns the loss (the gradient is the op's backward)."""
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     w = cfg.class_weight
-    return _OPS[("ce_step", impl)](
+    return OVERLOADS[("ce_step", impl)](
         logits if logits.is_contiguous() else logits.contiguous(),
         target if target.is_contiguous() else target.contiguous(),
         indices if indices.is_contiguous() else indices.contiguous(), *state,
@@ -272,14 +272,14 @@ def observe(impl: str, losses: torch.Tensor, probs: Optional[torch.Tensor], indi
             state: Sequence[Optional[torch.Tensor]], cfg: "LossConfig", update: bool) -> torch.Tensor:
     """``fastsel::observe_<impl>``: per-sample losses of any loss into ``state``; returns
     their policy-weighted reduction."""
-    return _OPS[("observe", impl)](
+    return OVERLOADS[("observe", impl)](
         _dense(losses), None if probs is None else _dense(probs), _dense(indices), *state,
         cfg.ema, cfg.reduction_code, cfg.strict, update)[0]
 
 
 #: ``(op, impl)`` -> the op's default overload, filled once at import (never changed
 #: after, so a compiled caller's guards on it hold).
-_OPS: Dict[Tuple[str, str], Any] = {(op, impl): get(op, impl).default for impl in IMPLS for op in SCHEMAS}
+OVERLOADS: Dict[Tuple[str, str], Any] = {(op, impl): get(op, impl).default for impl in IMPLS for op in SCHEMAS}
 
 
 def register_python(impl: str, kernels: Dict[str, Callable], device_types: Tuple[str, ...] | None) -> None:

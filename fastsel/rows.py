@@ -37,6 +37,58 @@ def stray_message(count: int, epoch: int, first: int) -> str:
             f"evaluation pass? labels passed as indices?); {FIX}")
 
 
+def first_flagged(values: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """The value at the first flagged entry, as a 0-d int64 tensor (no host sync: indexing
+    with a 0-d tensor would call ``.item()``)."""
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.int64, device=values.device)
+    pos = torch.argmax(bad.to(torch.int8)).reshape(1)
+    return values.to(torch.int64).index_select(0, pos).reshape(())
+
+
+def admit_rows(indices: torch.Tensor, bad_index: torch.Tensor, n: int, member: Optional[torch.Tensor],
+               rows: Optional[torch.Tensor], epoch: torch.Tensor, strict: bool, update: bool
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ops' room and membership checks (``fastsel.ops``) in PyTorch, for the reference
+    op, Triton's strict path and ``EpochRows.skip``: strict raises (nothing written); returns (rows left out, bad indices still to report, whether the call is
+    refused for room), each a tensor. ``commit_rows`` writes the counts once the range
+    checks pass."""
+    b = indices.shape[0]
+    none = torch.zeros_like(bad_index)
+    if not update or rows is None:
+        return none, bad_index, torch.zeros((), dtype=torch.bool, device=indices.device)
+    trained, shard = rows[layout.ROW_TRAINED], rows[layout.ROW_SHARD]
+    over = (shard < 0) | (trained + b > shard)
+    if strict and bool(over):
+        raise ValueError(room_message(b, int(epoch), int(trained), int(shard)))
+    in_range = ~bad_index
+    stray = in_range & (member[torch.where(in_range, indices, n).long()] == 0) & ~over  # type: ignore[index]
+    if strict and bool(stray.any()):
+        raise ValueError(stray_message(int(stray.sum()), int(epoch), int(indices[stray][0])))
+    return stray | over, bad_index & ~over, over
+
+
+def commit_rows(rows: Optional[torch.Tensor], indices: torch.Tensor, left_out: torch.Tensor,
+                over: torch.Tensor, epoch: torch.Tensor, update: bool) -> None:
+    """Count an admitted call's rows and its stray rows, or a refused call (``ROW_*``)."""
+    if not update or rows is None:
+        return
+    b = indices.shape[0]
+    trained, shard = rows[layout.ROW_TRAINED], rows[layout.ROW_SHARD]
+    stray = left_out & ~over
+    first_over = over & (rows[layout.ROW_OVER_COUNT] == 0) & (b > 0)
+    at = torch.where(shard < 0, torch.full_like(trained, -1), trained + b)
+    rows[layout.ROW_OVER_VALUE] = torch.where(first_over, at, rows[layout.ROW_OVER_VALUE])
+    rows[layout.ROW_OVER_EPOCH] = torch.where(first_over, epoch.to(torch.int64), rows[layout.ROW_OVER_EPOCH])
+    rows[layout.ROW_OVER_COUNT] += torch.where(over, b, 0)
+    had_none = rows[layout.ROW_STRAY_COUNT] == 0
+    rows[layout.ROW_STRAY_VALUE] = torch.where(had_none & stray.any(), first_flagged(indices, stray),
+                                               rows[layout.ROW_STRAY_VALUE])
+    rows[layout.ROW_STRAY_COUNT] += stray.sum()
+    rows[layout.ROW_TRAINED] += torch.where(over, 0, b)
+    rows[layout.ROW_CALLS] += torch.where(over, 0, 1)
+
+
 class EpochRows:
     """The epoch's rows on the device: ``member`` (uint8 [N + 1]), ``counts`` (int64
     [ROW_SIZE]) and ``epoch`` (0-d int64), changed in place only (a compiled graph keeps
@@ -99,23 +151,12 @@ class EpochRows:
 
     def skip(self, indices: torch.Tensor, strict: bool) -> None:
         """A consumed batch no op observes (``Sampler.skip``): the ops' membership check and
-        row count, in PyTorch."""
-        c, n = self.counts, self.n
+        row count (``admit_rows``, ``commit_rows``), in PyTorch."""
         with torch.no_grad():
-            in_range = (indices >= 0) & (indices < n)
-            stray = in_range & (self.member[torch.where(in_range, indices, n).long()] == 0)
-            if strict:
-                if bool(stray.any()):
-                    first = int(indices[stray][0])
-                    raise ValueError(stray_message(int(stray.sum()), int(self.epoch), first))
-            elif indices.numel():
-                pos = torch.argmax(stray.to(torch.int8)).reshape(1)
-                first = indices.to(torch.int64).index_select(0, pos).reshape(())
-                had = c[layout.ROW_STRAY_COUNT] == 0
-                c[layout.ROW_STRAY_VALUE] = torch.where(had & stray.any(), first, c[layout.ROW_STRAY_VALUE])
-                c[layout.ROW_STRAY_COUNT] += stray.sum()
-            c[layout.ROW_TRAINED] += indices.shape[0]
-            c[layout.ROW_CALLS] += 1
+            bad_index = (indices < 0) | (indices >= self.n)
+            left_out, _, over = admit_rows(indices, bad_index, self.n, self.member, self.counts,
+                                           self.epoch, strict, True)
+            commit_rows(self.counts, indices, left_out, over, self.epoch, True)
 
 
 def raise_for_faults(faults: Tuple[int, int, int, int, int], epoch: int) -> None:

@@ -26,7 +26,7 @@ from .checks import check_observe_args, check_step_args, is_int
 from .config import REDUCTIONS, LossConfig
 from .distributed import StateSync, world
 from .policies import Policy, make_policy
-from .rows import EpochRows, room_message
+from .rows import EpochRows
 from .selection import SelectionPass
 from .sharding import Shard
 from .state import STAT_NONFINITE, SampleState
@@ -209,7 +209,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         and the device's."""
         self._position = position
         if self._drawn():
-            self._rows.open(self._selection, self.epoch, len(self._shard_tensor()), position)
+            self._rows.open(self._selection, self.epoch, self._shard_len, position)
             self._epoch_calls = 0
 
     # ---- epochs and iteration -------------------------------------------------------------
@@ -229,7 +229,7 @@ class Sampler(torch.utils.data.Sampler[int]):
 
     def _epoch_trained(self) -> bool:
         self._settle()
-        return self._drawn() and self._position >= len(self._shard_tensor())
+        return self._drawn() and self._position >= self._shard_len
 
     def _epoch_done(self) -> bool:
         return self._drawn() and (self._exhausted or self._epoch_trained())
@@ -255,7 +255,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         if not self._drawn() or self.time_mode:
             return
         self._settle()
-        shard = len(self._shard_tensor())
+        shard = self._shard_len
         if self._position >= shard or not self.budget.loss_calls:
             return
         if self._position == 0 and self._exhausted:
@@ -480,10 +480,8 @@ class Sampler(torch.utils.data.Sampler[int]):
     def _check_room(self, b: int) -> None:
         """Refuse ``b`` rows outside an epoch in progress or past its shard (fastsel.rows),
         before the call moves or writes anything."""
-        drawn = self._selection_epoch == self.epoch
-        if not drawn or self._position + b > self._shard_len:
-            self._rows.check_room(b, epoch=self.epoch, drawn=drawn, position=self._position,
-                                  shard_len=self._shard_len if drawn else 0)
+        self._rows.check_room(b, epoch=self.epoch, drawn=self._drawn(), position=self._position,
+                              shard_len=self._shard_len)
 
     def _call_config(self, reduction: Optional[str]) -> LossConfig:
         """The loss settings of one call: the sampler's, with ``reduction`` overridden."""
@@ -584,8 +582,6 @@ _SAMPLER_SETTINGS = ("ignore_index", "label_smoothing", "class_weight", "weight"
 
 def _refuse_call_settings(call: str, unknown: Dict[str, Any]) -> None:
     """Refuse keyword arguments ``loss``/``observe`` do not take, naming where they go."""
-    if not unknown:
-        return
     name, value = next(iter(unknown.items()))
     if name in _SAMPLER_SETTINGS:
         arg = "class_weight" if name == "weight" else name

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import operator
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
@@ -69,19 +69,13 @@ class Backend(abc.ABC):
     #: Device types where its ``observe`` has a kernel; elsewhere ``reference`` runs it.
     observe_devices: Tuple[str, ...] = ("cpu", "cuda")
 
-    def __init__(self) -> None:
-        self._ops: Dict[str, Any] = {}
-
     @abc.abstractmethod
     def unavailable(self) -> Optional[str]:
         """None when the backend runs here, else the one-line reason it does not."""
 
     def op(self, name: str, impl: Optional[str] = None) -> Any:
         """``torch.ops.fastsel.<name>_<impl>`` (this backend's by default)."""
-        key = f"{name}_{impl or self.impl}"
-        if key not in self._ops:
-            self._ops[key] = ops.get(name, impl or self.impl)
-        return self._ops[key]
+        return ops.OVERLOADS[(name, impl or self.impl)]
 
     def check_state(self, state: SampleState) -> None:
         """Check the state's tensors once, when it is bound or moved (not on every step)."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import layout, ops, rng
 from ..checks import raise_for_errors
-from ..rows import room_message, stray_message
+from ..rows import admit_rows, commit_rows, first_flagged
 from .base import Backend
 
 #: The per-sample state as the ops take it: the STEP_FIELDS buffers, weight, stats, errors.
@@ -52,15 +52,6 @@ def merge_duplicates(idx: torch.Tensor, obs: torch.Tensor, n: int, values: Tuple
 
 
 
-def first_flagged(values: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-    """The value at the first flagged entry, as a 0-d int64 tensor (no host sync: indexing
-    with a 0-d tensor would call ``.item()``)."""
-    if values.numel() == 0:
-        return torch.zeros((), dtype=torch.int64, device=values.device)
-    pos = torch.argmax(bad.to(torch.int8)).reshape(1)
-    return values.to(torch.int64).index_select(0, pos).reshape(())
-
-
 def check_or_record(errors: torch.Tensor, n: int, c: Optional[int], indices: torch.Tensor,
                     bad_index: torch.Tensor, labels: Optional[torch.Tensor],
                     bad_label: Optional[torch.Tensor], strict: bool) -> None:
@@ -80,49 +71,6 @@ def check_or_record(errors: torch.Tensor, n: int, c: Optional[int], indices: tor
         had_none = errors[cnt] == 0
         errors[val] = torch.where(had_none & (found[cnt] > 0), found[val], errors[val])
         errors[cnt] += found[cnt]
-
-
-def admit_rows(indices: torch.Tensor, bad_index: torch.Tensor, n: int, member: Optional[torch.Tensor],
-               rows: Optional[torch.Tensor], epoch: torch.Tensor, strict: bool, update: bool
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ops' room and membership checks (``fastsel.ops``): strict raises (nothing
-    written); returns (rows left out, bad indices still to report, whether the call is
-    refused for room), each a tensor. ``commit_rows`` writes the counts once the range
-    checks pass."""
-    b = indices.shape[0]
-    none = torch.zeros_like(bad_index)
-    if not update or rows is None:
-        return none, bad_index, torch.zeros((), dtype=torch.bool, device=indices.device)
-    trained, shard = rows[layout.ROW_TRAINED], rows[layout.ROW_SHARD]
-    over = (shard < 0) | (trained + b > shard)
-    if strict and bool(over):
-        raise ValueError(room_message(b, int(epoch), int(trained), int(shard)))
-    in_range = ~bad_index
-    stray = in_range & (member[torch.where(in_range, indices, n).long()] == 0) & ~over  # type: ignore[index]
-    if strict and bool(stray.any()):
-        raise ValueError(stray_message(int(stray.sum()), int(epoch), int(indices[stray][0])))
-    return stray | over, bad_index & ~over, over
-
-
-def commit_rows(rows: Optional[torch.Tensor], indices: torch.Tensor, left_out: torch.Tensor,
-                over: torch.Tensor, epoch: torch.Tensor, update: bool) -> None:
-    """Count an admitted call's rows and its stray rows, or a refused call (``ROW_*``)."""
-    if not update or rows is None:
-        return
-    b = indices.shape[0]
-    trained, shard = rows[layout.ROW_TRAINED], rows[layout.ROW_SHARD]
-    stray = left_out & ~over
-    first_over = over & (rows[layout.ROW_OVER_COUNT] == 0) & (b > 0)
-    at = torch.where(shard < 0, torch.full_like(trained, -1), trained + b)
-    rows[layout.ROW_OVER_VALUE] = torch.where(first_over, at, rows[layout.ROW_OVER_VALUE])
-    rows[layout.ROW_OVER_EPOCH] = torch.where(first_over, epoch.to(torch.int64), rows[layout.ROW_OVER_EPOCH])
-    rows[layout.ROW_OVER_COUNT] += torch.where(over, b, 0)
-    had_none = rows[layout.ROW_STRAY_COUNT] == 0
-    rows[layout.ROW_STRAY_VALUE] = torch.where(had_none & stray.any(), first_flagged(indices, stray),
-                                               rows[layout.ROW_STRAY_VALUE])
-    rows[layout.ROW_STRAY_COUNT] += stray.sum()
-    rows[layout.ROW_TRAINED] += torch.where(over, 0, b)
-    rows[layout.ROW_CALLS] += torch.where(over, 0, 1)
 
 
 def saturate(x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .. import layout, ops, rng
+from ..rows import admit_rows
 from .base import HARD_2D, Backend, check_k
 
 
@@ -239,7 +240,7 @@ def _strict_check(indices: torch.Tensor, labels: Optional[torch.Tensor], n: int,
     row, then its IndexError for a bad index or label, before any launch (so nothing is
     written and the merge scratch stays zero): the reference's own checks, so the same
     order and messages. Host syncs."""
-    from .reference import admit_rows, check_or_record
+    from .reference import check_or_record
     bad_index = (indices < 0) | (indices >= n)
     _, bad_index, _ = admit_rows(indices, bad_index, n, member, rows, epoch, True, update)
     bad_label = None
