@@ -12,7 +12,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from .policies import Policy
-from .policies.base import round_half_up
+from .validation.values import round_half_up
 
 #: The clock every budget reads (a module attribute so that tests can drive it).
 now = time.monotonic

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Dict
 
 import torch
 
-from .checks import is_int
+from .validation.values import is_int
 
 if TYPE_CHECKING:
     from .sampler import Sampler

@@ -12,8 +12,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .state import (ERR_INDEX_COUNT, ERR_INDEX_VALUE, ERR_LABEL_COUNT, ERR_LABEL_VALUE, SampleState,
-                    check_errors, check_fields, check_int, check_stats, check_tensor, check_values)
+from .state import ERR_INDEX_COUNT, ERR_INDEX_VALUE, ERR_LABEL_COUNT, ERR_LABEL_VALUE, SampleState
+from .validation.fields import (check_errors, check_fields, check_int, check_stats, check_tensor,
+                                check_values)
 
 
 def world(num_replicas: Optional[int], rank: Optional[int]) -> Tuple[int, int]:

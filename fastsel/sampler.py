@@ -22,7 +22,8 @@ from .backends import check_backend_name, get_backend
 from .backends.base import state_args
 from . import checkpoint, ops
 from .budget import Budget
-from .checks import check_observe_args, check_step_args, is_int
+from .validation.tensors import check_observe_args, check_step_args
+from .validation.values import is_int
 from .config import REDUCTIONS, LossConfig
 from .distributed import StateSync, world
 from .policies import Policy, make_policy

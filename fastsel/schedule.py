@@ -7,7 +7,7 @@ from typing import Any, Dict, List
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from .state import check_int, check_real, refuse, require
+from .validation.fields import check_int, check_real, refuse, require
 
 
 class BudgetLR(LRScheduler):

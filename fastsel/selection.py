@@ -13,7 +13,7 @@ import torch
 
 from . import rng
 from .budget import Budget
-from .checks import raise_for_errors
+from .validation.tensors import raise_for_errors
 from .distributed import StateSync
 from .policies import Policy, SelectionContext
 from .rows import raise_for_faults

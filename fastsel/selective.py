@@ -23,7 +23,7 @@ from .batch_policies import BatchPolicy, batch_topk, make_batch_policy
 from .batch_policies.base import TopK, downsample
 from .distributed import agree_min
 from .sampler import Sampler
-from .state import check_int, check_keys, check_real, check_tensor, check_values, refuse, require
+from .validation.fields import check_int, check_keys, check_real, check_tensor, check_values, refuse, require
 from .summary import Summary
 
 _FORMAT = 1

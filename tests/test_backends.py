@@ -12,24 +12,13 @@ import torch.nn.functional as F
 
 from fastsel import rng
 from fastsel.backends import get_backend
-from fastsel.checks import raise_for_errors
+from fastsel.validation.tensors import raise_for_errors
 from fastsel.config import LossConfig
 from fastsel.state import STAT_NONFINITE, SampleState
+from helpers import batch, snapshot
 from oracle import OracleState, ew_moments, expected_loss
 
 SIZES = [(c, b) for c in (2, 10, 100, 1000, 1001) for b in (1, 255, 4096)]
-
-
-def make_batch(gen, b, c, n, dtype=torch.float32, dup=True, ignore=0.0):
-    logits = (torch.randn(b, c, generator=gen) * 3).to(dtype)
-    labels = torch.randint(0, c, (b,), generator=gen)
-    if ignore:
-        labels[torch.rand(b, generator=gen) < ignore] = -100
-    hi = max(1, b // 3) if dup else n
-    indices = torch.randint(0, min(n, hi) if dup else n, (b,), generator=gen)
-    if not dup:
-        indices = torch.randperm(n, generator=gen)[:b]
-    return logits, labels, indices
 
 
 def dev(name):
@@ -61,7 +50,7 @@ def run_step(name, logits, labels, indices, state, cfg, epoch=0):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_loss_and_grad_match_cross_entropy(backend_name, gen, c, b, reduction):
     n = 5000
-    logits, labels, indices = make_batch(gen, b, c, n, ignore=0.1)
+    logits, labels, indices = batch(gen, b, c, n, pool=min(n, max(1, b // 3)), ignore=0.1)
     cfg = LossConfig(reduction=reduction)
     out, x = run_step(backend_name, logits, labels, indices, SampleState(n), cfg)
     ref_x = logits.clone().requires_grad_(True)
@@ -77,7 +66,7 @@ def test_loss_and_grad_match_cross_entropy(backend_name, gen, c, b, reduction):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_label_smoothing_and_class_weights(backend_name, gen, smoothing, weighted):
     c, b, n = 37, 300, 1000
-    logits, labels, indices = make_batch(gen, b, c, n, ignore=0.1)
+    logits, labels, indices = batch(gen, b, c, n, pool=min(n, max(1, b // 3)), ignore=0.1)
     w = torch.rand(c, generator=gen) + 0.5 if weighted else None
     for reduction in ("mean", "sum", "none"):
         cfg = LossConfig(reduction=reduction, label_smoothing=smoothing, class_weight=w)
@@ -93,7 +82,7 @@ def test_label_smoothing_and_class_weights(backend_name, gen, smoothing, weighte
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_logits_accumulate_in_fp32(backend_name, gen, dtype):
     c, b, n = 1001, 255, 600
-    logits, labels, indices = make_batch(gen, b, c, n, dtype=dtype)
+    logits, labels, indices = batch(gen, b, c, n, dtype, pool=min(n, max(1, b // 3)))
     state = SampleState(n)
     out, x = run_step(backend_name, logits, labels, indices, state, LossConfig())
     ref_x = logits.clone().requires_grad_(True)
@@ -116,7 +105,7 @@ def test_state_matches_float64_oracle(backend_name, gen):
     state, oracle = SampleState(n), OracleState(n)
     nonfinite = 0
     for step in range(12):
-        logits, labels, indices = make_batch(gen, 61, c, n, dup=step % 2 == 0, ignore=0.1)
+        logits, labels, indices = batch(gen, 61, c, n, pool=min(n, 20), unique=step % 2 == 1, ignore=0.1)
         logits[3, 2] = float("nan")
         logits[7, 0] = float("inf")
         nonfinite += int((labels[[3, 7]] != -100).sum())
@@ -136,7 +125,7 @@ def test_ema_variance_equals_float64_recomputation(backend_name, gen):
     n, c, ema = 40, 7, 0.25
     state, oracle = SampleState(n), OracleState(n)
     for step in range(15):
-        logits, labels, indices = make_batch(gen, 30, c, n, dup=False)
+        logits, labels, indices = batch(gen, 30, c, n, unique=True)
         run_step(backend_name, logits, labels, indices, state, LossConfig(ema=ema), epoch=step)
         oracle.step(logits, labels, indices, epoch=step, ema=ema)
     checked = 0
@@ -153,7 +142,7 @@ def test_ema_variance_equals_float64_recomputation(backend_name, gen):
 
 def test_duplicates_are_deterministic_and_order_free(backend_name, gen):
     n, c = 50, 10
-    logits, labels, _ = make_batch(gen, 200, c, n)
+    logits, labels, _ = batch(gen, 200, c, n, pool=min(n, 66))
     indices = torch.randint(0, 8, (200,), generator=gen)  # heavy duplication
     states = []
     for perm in (torch.arange(200), torch.arange(200), torch.randperm(200, generator=gen)):
@@ -169,7 +158,7 @@ def test_duplicates_are_deterministic_and_order_free(backend_name, gen):
 def test_nonfinite_losses_never_enter_state(backend_name, gen):
     n, c = 20, 5
     state = SampleState(n)
-    logits, labels, indices = make_batch(gen, 10, c, n, dup=False)
+    logits, labels, indices = batch(gen, 10, c, n, unique=True)
     logits[0] = float("nan")
     logits[1, labels[1]] = float("-inf")
     out, _ = run_step(backend_name, logits, labels, indices, state, LossConfig())
@@ -180,23 +169,22 @@ def test_nonfinite_losses_never_enter_state(backend_name, gen):
     assert int(state.stats[STAT_NONFINITE]) == 2
 
 
-def _snapshot(state):
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.state_dict().items()}
-
-
 def _assert_same(a, b):
+    assert a.keys() == b.keys()
     for k in a:
         if isinstance(a[k], torch.Tensor):
             assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
 
 
 @pytest.mark.parametrize("bad", ["index_high", "index_negative", "label_high", "label_negative"])
 def test_bad_values_strict_refused_state_untouched(backend_name, gen, bad):
     n, c = 30, 6
     state = SampleState(n)
-    logits, labels, indices = make_batch(gen, 12, c, n, dup=False)
+    logits, labels, indices = batch(gen, 12, c, n, unique=True)
     run_step(backend_name, logits, labels, indices, state, LossConfig())
-    before = _snapshot(state)
+    before = snapshot(state)
     value = {"index_high": n, "index_negative": -3, "label_high": c, "label_negative": -7}[bad]
     if bad.startswith("index"):
         indices = indices.clone()
@@ -207,13 +195,13 @@ def test_bad_values_strict_refused_state_untouched(backend_name, gen, bad):
     with pytest.raises(IndexError, match=str(value)) as ei:
         run_step(backend_name, logits, labels, indices, state, LossConfig(strict=True))
     assert ("indices" if bad.startswith("index") else "labels") in str(ei.value)
-    _assert_same(before, _snapshot(state))
+    _assert_same(before, snapshot(state))
 
 
 def test_bad_values_deferred_are_masked_counted_and_raised_later(backend_name, gen):
     n, c = 30, 6
     state = SampleState(n)
-    logits, labels, indices = make_batch(gen, 12, c, n, dup=False)
+    logits, labels, indices = batch(gen, 12, c, n, unique=True)
     indices = indices.clone()
     labels = labels.clone()
     indices[2] = n + 5
@@ -232,7 +220,7 @@ def test_policy_weights_scale_each_row(backend_name, gen):
     n, c = 64, 10
     state = SampleState(n)
     state.weight.copy_(torch.rand(n, generator=gen) * 2)
-    logits, labels, indices = make_batch(gen, 40, c, n)
+    logits, labels, indices = batch(gen, 40, c, n, pool=min(n, 13))
     for reduction in ("mean", "sum", "none"):
         out, x = run_step(backend_name, logits, labels, indices, state, LossConfig(reduction=reduction))
         ref_x = logits.clone().requires_grad_(True)
@@ -442,7 +430,7 @@ def test_observe_of_cross_entropy_equals_the_fused_step(backend_name, gen):
     s1.weight.copy_(torch.rand(n, generator=gen) + 0.5)
     s2.weight.copy_(s1.weight)
     for step in range(3):
-        logits, labels, indices = make_batch(gen, 40, c, n)
+        logits, labels, indices = batch(gen, 40, c, n, pool=min(n, 13))
         out1, x1 = run_step(backend_name, logits, labels, indices, s1, LossConfig(), epoch=step)
         x2 = logits.clone().to(dev(backend_name)).requires_grad_(True)
         s2.to(dev(backend_name))
@@ -478,8 +466,8 @@ def test_observe_bad_index_strict_refused_deferred_masked(backend_name, gen):
 def test_update_false_changes_no_state(backend_name, gen):
     n, c = 20, 6
     state = SampleState(n)
-    logits, labels, indices = make_batch(gen, 12, c, n)
-    before = _snapshot(state)
+    logits, labels, indices = batch(gen, 12, c, n, pool=min(n, 4))
+    before = snapshot(state)
     d = dev(backend_name)
     state.to(d)
     try:
@@ -488,7 +476,7 @@ def test_update_false_changes_no_state(backend_name, gen):
         b.observe(torch.rand(12).to(d), indices.to(d), state, LossConfig(), 0, None, False)
     finally:
         state.to("cpu")
-    _assert_same(before, _snapshot(state))
+    _assert_same(before, snapshot(state))
     close(out, expected_loss(logits, labels, "mean"), rtol=1e-5, atol=1e-6)
 
 
@@ -514,7 +502,7 @@ def test_all_rows_one_index_is_one_observation(backend_name, gen):
     state, oracle = SampleState(n), OracleState(n)
     nonfinite = 0
     for step in range(3):
-        logits, labels, _ = make_batch(gen, b, c, n, ignore=0.1)
+        logits, labels, _ = batch(gen, b, c, n, pool=min(n, max(1, b // 3)), ignore=0.1)
         logits[3, 1] = float("nan")
         nonfinite += int(labels[3] != -100)
         idx = torch.full((b,), 5)
@@ -540,7 +528,7 @@ def test_many_duplicates_match_oracle_and_stats(backend_name, gen, b):
     state, oracle = SampleState(n), OracleState(n)
     total, count = 0.0, 0
     for step in range(2):
-        logits, labels, _ = make_batch(gen, b, c, n, ignore=0.1)
+        logits, labels, _ = batch(gen, b, c, n, pool=min(n, max(1, b // 3)), ignore=0.1)
         logits[[5, 77], 0] = float("inf")
         idx = torch.randint(0, 6, (b,), generator=gen)
         run_step(backend_name, logits, labels, idx, state, LossConfig(ema=ema, reduction="sum"),

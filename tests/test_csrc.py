@@ -25,6 +25,7 @@ from fastsel.config import LossConfig
 from fastsel.rows import EpochRows
 from fastsel.state import SampleState
 from fastsel.threads import SERIAL_MAX_N
+from helpers import batch
 
 try:
     from fastsel import _C
@@ -263,12 +264,6 @@ def _step(x, y, i, state=None, impl="csrc", **over):
     return getattr(torch.ops.fastsel, f"ce_step_{impl}")(*args)
 
 
-def _batch(b=8, c=5, n=50, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, c, generator=g), torch.randint(0, c, (b,), generator=g), \
-        torch.randint(0, n, (b,), generator=g)
-
-
 @needs_c
 @pytest.mark.parametrize("case,match", [
     ("logits_dtype", r"logits must be float32, float16 or bfloat16, got float64 \(cast with .float\(\)\)"),
@@ -298,7 +293,7 @@ def _batch(b=8, c=5, n=50, seed=0):
     ("zero_classes", r"at least one class \(dim 1\), got shape \[8, 0\]"),
 ])
 def test_step_refuses_bad_arguments_clearly(case, match):
-    x, y, i = _batch()
+    x, y, i = batch(0, 8, 5, 50, scale=1.0)
     st = SampleState(50)
     before = {k: v.clone() for k, v in st.buffers().items()}
     over = {
@@ -359,7 +354,7 @@ def test_check_state_and_the_ops_refuse_a_malformed_state(case, match):
     _C.check_state(*state_args(st, 3, EpochRows(50)))
     with pytest.raises(RuntimeError, match=match):
         _C.check_state(*args)
-    x, y, i = _batch()
+    x, y, i = batch(0, 8, 5, 50, scale=1.0)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.fastsel.ce_step_csrc(x, y, i, *args, None, -100, 0.0, 0.1, 0, False, True, True)
     with pytest.raises(RuntimeError, match=match):
@@ -439,7 +434,7 @@ def _assert_states(a, b):
 def test_nonfinite_rows_match_reference_including_gradients(reduction):
     """-inf off the label (finite), -inf on the label (inf), +inf / NaN / all -inf rows (NaN),
     also on ignored rows: loss, gradient (NaN where the reference's is) and state agree."""
-    x, y, i = _batch(b=12, c=6)
+    x, y, i = batch(0, 12, 6, 50, scale=1.0)
     y[5] = -100
     y[6] = -100
     i = torch.arange(12)
@@ -478,7 +473,7 @@ def test_extreme_logits_and_wide_rows():
 
 @needs_c
 def test_int32_inputs_single_class_and_empty_batch():
-    x, y, i = _batch(b=9, c=1)
+    x, y, i = batch(0, 9, 1, 50, scale=1.0)
     (lr, gr, sr), (lc, gc, sc) = _both(x, y.int(), i.int(), label_smoothing=0.1)
     torch.testing.assert_close(lc, lr)
     torch.testing.assert_close(gc, gr)
@@ -521,7 +516,7 @@ def test_noncontiguous_inputs_through_the_backend_and_policy_weights_with_per_ro
 
 @needs_c
 def test_backward_twice_with_retain_graph_and_scaled_grad_output():
-    x, y, i = _batch(b=16, c=7)
+    x, y, i = batch(0, 16, 7, 50, scale=1.0)
     grads = {}
     for impl in ("reference", "csrc"):
         xr = x.clone().requires_grad_(True)
@@ -538,7 +533,7 @@ def test_backward_twice_with_retain_graph_and_scaled_grad_output():
 
 @needs_c
 def test_no_grad_step_updates_state_only():
-    x, y, i = _batch()
+    x, y, i = batch(0, 8, 5, 50, scale=1.0)
     st_r, st_c = SampleState(50), SampleState(50)
     with torch.no_grad():
         lr, gr, _ = _step(x, y, i, st_r, "reference", need_grad=False)
@@ -551,9 +546,9 @@ def test_no_grad_step_updates_state_only():
 @needs_c
 @pytest.mark.parametrize("kdim", [False, True])
 def test_strict_error_message_equals_reference(kdim):
-    """Raised from inside the op, as IndexError, with fastsel.checks.raise_for_errors's words;
+    """Raised from inside the op, as IndexError, with fastsel.validation.tensors.raise_for_errors's words;
     nothing written."""
-    x, y, i = _batch()
+    x, y, i = batch(0, 8, 5, 50, scale=1.0)
     if kdim:
         x = torch.randn(8, 5, 3)
         y = torch.randint(0, 5, (8, 3))
@@ -581,7 +576,7 @@ def test_strict_error_message_equals_reference(kdim):
 
 @needs_c
 def test_deferred_errors_accumulate_like_reference():
-    x, y, i = _batch()
+    x, y, i = batch(0, 8, 5, 50, scale=1.0)
     for r, (bi, bl) in enumerate([(60, None), (-5, 9), (None, -2)]):
         if bi is not None:
             i[r] = bi

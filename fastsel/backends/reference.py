@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import layout, ops, rng
-from ..checks import raise_for_errors
+from ..validation.tensors import raise_for_errors
 from ..rows import admit_rows, commit_rows, first_flagged
 from .base import Backend
 

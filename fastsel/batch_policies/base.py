@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import torch
 
-from ..state import check_policy_state
+from ..validation.fields import check_policy_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..selective import SelectiveStep

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 
-from ..state import check_fields, check_real
-from ..policies.base import round_half_up
+from ..validation.fields import check_fields, check_real
+from ..validation.values import round_half_up
 from .base import BatchPolicy, check_keep
 
 if TYPE_CHECKING:  # pragma: no cover

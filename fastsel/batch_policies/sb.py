@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 import torch
 
 from .. import rng
-from ..state import check_fields, check_int, check_real, check_tensor, refuse
-from ..policies.base import round_half_up
+from ..validation.fields import check_fields, check_int, check_real, check_tensor, refuse
+from ..validation.values import round_half_up
 from .base import BatchPolicy, batch_topk, check_keep, check_scale_factor
 
 if TYPE_CHECKING:  # pragma: no cover

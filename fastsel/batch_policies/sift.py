@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..state import check_fields, check_int, check_real, refuse
-from ..policies.base import round_half_up
+from ..validation.fields import check_fields, check_int, check_real, refuse
+from ..validation.values import round_half_up
 from .base import BatchPolicy, check_keep, spearman
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -1,21 +1,15 @@
 """What every epoch-level policy is: a key per sample, then keep the k largest."""
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 
 from .. import rng
-from ..state import SampleState, check_policy_state
-
-
-def round_half_up(x: float) -> int:
-    """Round to the nearest integer, halves up (Python's round() goes to even): the one
-    rounding rule of every count (epoch-level and batch-level policies, the budget)."""
-    return int(math.floor(x + 0.5))
+from ..state import SampleState
+from ..validation.fields import check_policy_state
+from ..validation.values import round_half_up  # noqa: F401  (the policies' import)
 
 
 @dataclass

@@ -6,7 +6,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..state import SampleState
-from .base import Policy, Selection, SelectionContext, round_half_up
+from ..validation.values import round_half_up
+from .base import Policy, Selection, SelectionContext
 
 
 class InfoBatch(Policy):

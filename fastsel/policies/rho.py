@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .. import rng
-from .base import Policy, Selection, SelectionContext, round_half_up
+from ..validation.values import round_half_up
+from .base import Policy, Selection, SelectionContext
 
 
 def check_irreducible(irreducible: Any, n: Optional[int] = None) -> torch.Tensor:

@@ -6,8 +6,10 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import rng
-from ..state import SampleState, check_fields, check_real
-from .base import Policy, Selection, SelectionContext, round_half_up
+from ..state import SampleState
+from ..validation.fields import check_fields, check_real
+from ..validation.values import round_half_up
+from .base import Policy, Selection, SelectionContext
 
 
 class TFTB(Policy):

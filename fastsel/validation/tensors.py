@@ -9,16 +9,11 @@ from typing import Optional
 
 import torch
 
-from .config import LossConfig
-from .state import ERR_INDEX_COUNT, ERR_INDEX_VALUE, ERR_LABEL_COUNT, ERR_LABEL_VALUE
+from ..config import LossConfig
+from ..layout import ERR_INDEX_COUNT, ERR_INDEX_VALUE, ERR_LABEL_COUNT, ERR_LABEL_VALUE
 
 _INT_DTYPES = (torch.int64, torch.int32)
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def is_int(v: object) -> bool:
-    """A Python int and not a bool (which ``isinstance(v, int)`` also admits)."""
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_tensor(name: str, t: object) -> None:
