@@ -7,12 +7,13 @@ while the rows already handed out can still be trained in time (``may_hand_out``
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Dict, List, Optional
 
 from .policies import Policy
-from .validation.values import round_half_up
+from .validation import fields
+from .validation.fields import refuse, require
+from .validation.values import check_int, check_real, is_int, round_half_up
 
 #: The clock every budget reads (a module attribute so that tests can drive it).
 now = time.monotonic
@@ -24,16 +25,12 @@ def check_budget(budget: Any, time_budget: Any, epochs: Any) -> None:
         raise ValueError("give exactly one of budget= (a fraction in (0, 1]) and time_budget= "
                          f"(seconds); got budget={budget!r}, time_budget={time_budget!r}")
     if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
-            raise ValueError(f"budget must be a fraction in (0, 1], got budget={budget!r}")
+        check_real("budget", budget, lo=0.0, hi=1.0, lo_open=True, what="a fraction")
         if epochs is None:
             raise ValueError("a fraction budget needs epochs= (the epochs of full training), got epochs=None")
-    if time_budget is not None:
-        if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) \
-                or not math.isfinite(time_budget) or time_budget <= 0:
-            raise ValueError(f"time_budget must be a positive number of seconds, got time_budget={time_budget!r}")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs must be a positive int, got epochs={epochs!r}")
+    check_real("time_budget", time_budget, lo=0.0, lo_open=True, allow_none=True,
+               what="a number of seconds")
+    check_int("epochs", epochs, lo=1, allow_none=True)
 
 
 class Budget:
@@ -146,26 +143,12 @@ class Budget:
     @staticmethod
     def check_state_dict(sd: Any) -> None:
         """Refuse counters that are missing, negative or not numbers (naming the field)."""
-        if not isinstance(sd, dict):
-            raise ValueError(f"state_dict field 'counters' must be a dict, got {type(sd).__name__}")
         for key in ("yielded", "trained", "loss_calls"):
-            v = sd.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"state_dict field 'counters.{key}' must be a non-negative int, got {v!r}")
-        for key in ("elapsed", "selection_time"):
-            v = sd.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"state_dict field 'counters.{key}' must be a finite number of "
-                                 f"seconds >= 0, got {v!r}")
-        counts = sd.get("epoch_counts")
-        if not isinstance(counts, list) or any(isinstance(c, bool) or not isinstance(c, int) or c < 0
-                                               for c in counts):
-            raise ValueError("state_dict field 'counters.epoch_counts' must be a list of "
-                             f"non-negative ints, got {counts!r}")
-        losses = sd.get("epoch_losses", [])
-        if not isinstance(losses, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                               for v in losses):
-            raise ValueError(f"state_dict field 'counters.epoch_losses' must be a list of numbers, got {losses!r}")
+            fields.check_int(f"counters.{key}", require(sd, key, "counters"), lo=0)
+        fields.check_real("counters.elapsed", require(sd, "elapsed", "counters"), lo=0.0)
+        counts = require(sd, "epoch_counts", "counters")
+        if not isinstance(counts, list) or not all(is_int(c) and c >= 0 for c in counts):
+            raise refuse("counters.epoch_counts", f"must be a list of non-negative ints, got {counts!r}")
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.yielded, self.trained = int(sd["yielded"]), int(sd["trained"])

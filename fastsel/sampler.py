@@ -9,9 +9,7 @@ epoch's selection reads that state. The budget's accounting is fastsel.budget's.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import sys
-import types
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sized, Union
 
@@ -22,67 +20,17 @@ from .backends import check_backend_name, get_backend
 from .backends.base import state_args
 from . import checkpoint, ops
 from .budget import Budget
+from .cursor import EpochCursor, EpochIterator
 from .validation.tensors import check_observe_args, check_step_args
-from .validation.values import is_int
+from .validation.usage import refuse_call_settings, refuse_wrappers
+from .validation.values import check_int, is_int
 from .config import REDUCTIONS, LossConfig
 from .distributed import StateSync, world
 from .policies import Policy, make_policy
-from .rows import EpochRows
 from .selection import SelectionPass
 from .sharding import Shard
 from .state import STAT_NONFINITE, SampleState
 from .summary import Summary, selection_entropy
-
-_CHUNK = 4096   # indices converted to Python ints at a time while iterating
-
-
-class _EpochIterator(Iterator[int]):
-    """Iterates one epoch's shard from the trained position, a chunk of Python ints at a
-    time; stateful for torchdata's StatefulDataLoader, which saves and restores it instead
-    of fast-forwarding."""
-
-    def __init__(self, sampler: "Sampler") -> None:
-        self.sampler = sampler
-        self._reset()
-
-    def _reset(self) -> None:
-        self.shard = self.sampler._shard_tensor()
-        self.i = self.sampler._position
-        self._chunk: List[int] = []
-        self._chunk_start = self.i
-
-    def __iter__(self) -> "_EpochIterator":
-        return self
-
-    def __next__(self) -> int:
-        s = self.sampler
-        if self.i >= len(self.shard) or not s._may_hand_out(self.i):
-            s._exhausted = True
-            raise StopIteration
-        j = self.i - self._chunk_start
-        if j >= len(self._chunk):
-            self._chunk_start, j = self.i, 0
-            self._chunk = self.shard[self.i:self.i + _CHUNK].tolist()
-        self.i += 1
-        s.budget.yielded += 1
-        return self._chunk[j]
-
-    # torchdata's StatefulDataLoader snapshots this when it fetches the batch it hands to
-    # the user, restores the sampler first and then this: the position it carries is then
-    # exactly what the user received.
-    def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "yielded": self.i}
-
-    def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        if sd.get("epoch") != self.sampler.epoch:
-            raise ValueError(f"iterator state is for epoch {sd.get('epoch')}, "
-                             f"the sampler is at epoch {self.sampler.epoch}")
-        y = sd.get("yielded")
-        if not is_int(y) or not 0 <= y <= len(self.shard):
-            raise ValueError(f"iterator state 'yielded' must be an int in [0, {len(self.shard)}], got {y!r}")
-        self.sampler._resume_at(y)
-        self._reset()
-
 
 class Sampler(torch.utils.data.Sampler[int]):
     """A DataLoader sampler that trains on the samples that matter under a budget.
@@ -122,9 +70,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         n = int(data) if isinstance(data, int) else len(data)  # type: ignore[arg-type]
         if n < 1:
             raise ValueError(f"the dataset must have at least one sample, got N={n}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got seed={seed!r} ({type(seed).__name__}): "
-                            "pass e.g. seed=0")
+        check_int("seed", seed, exc=TypeError, fix="pass e.g. seed=0")
         check_backend_name(backend)
         self.n = n
         self.policy = make_policy(policy, **policy_kwargs)
@@ -140,22 +86,13 @@ class Sampler(torch.utils.data.Sampler[int]):
         self.state = SampleState(n, self._fixed_device or "cpu")
         self._sync = StateSync(self.state, world_size, rank) if world_size > 1 else None
         self._passes = SelectionPass(self.state, self.policy, self.budget, self._sync, self.seed)
-        self._rows = EpochRows(n, self.state.device)
+        self.cursor = EpochCursor(n, self.shard, self.budget, self.state.device)
         # The ops' state arguments, made outside loss calls (again when the state moves).
-        self._op_state = state_args(self.state, self._rows.epoch, self._rows)
+        self._op_state = state_args(self.state, self.cursor.rows.epoch, self.cursor.rows)
         self._backend: Optional[Any] = None
         self._backend_device: Optional[torch.device] = None
         self._strict_on: Optional[bool] = None   # strict mode on the bound device
-        self.epoch = 0
-        self._position = 0           # rows of this epoch's shard the host counted through loss()
-        self._epoch_calls = 0        # update calls of this epoch the host counted
-        self._exhausted = False      # the epoch's iterator ran out (or its time did)
-        self._selection: Optional[torch.Tensor] = None   # global, shuffled, this epoch
-        self._selection_epoch: Optional[int] = None
-        self._shard_cpu: Optional[torch.Tensor] = None
-        self._shard_len = -1         # its length (-1: none drawn)
         self._warned_spent = False
-        self._warned: set = set()    # the counting warnings already given (each warns once)
 
     # ---- what the parts know ------------------------------------------------------------
     world_size = property(lambda self: self.shard.world_size)
@@ -171,7 +108,7 @@ class Sampler(torch.utils.data.Sampler[int]):
 
     def progress(self) -> float:
         """Share of the budget spent, in [0, 1]: by trained samples or by wall clock."""
-        self._settle()
+        self.cursor.settle()
         return self.budget.progress(self.shard.length(self.budget.epoch_count(self.n)))
 
     def _time_up(self) -> bool:
@@ -191,109 +128,42 @@ class Sampler(torch.utils.data.Sampler[int]):
         # remaining time at the selection pass instead of by each rank's clock.
         if self.world_size > 1 or not self.time_mode:
             return True
-        self._settle(cheap_only=True)
-        return self.budget.may_hand_out(handed_out - self._position)
+        self.cursor.settle(cheap_only=True)
+        return self.budget.may_hand_out(handed_out - self.cursor.position)
+
+    epoch = property(lambda self: self.cursor.epoch, doc="The epoch the sampler is in.")
 
     @property
     def position(self) -> int:
         """Rows of this epoch's shard trained through ``loss``/``observe``/``skip`` (compiled
         calls included: read from the device's count once one was traced)."""
-        self._settle()
-        return self._position
-
-    @position.setter
-    def position(self, value: int) -> None:
-        self._position = value
-
-    def _resume_at(self, position: int) -> None:
-        """Continue the drawn epoch from ``position`` (a restored iterator): the host's count
-        and the device's."""
-        self._position = position
-        if self._drawn():
-            self._rows.open(self._selection, self.epoch, self._shard_len, position)
-            self._epoch_calls = 0
+        self.cursor.settle()
+        return self.cursor.position
 
     # ---- epochs and iteration -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration draws (DistributedSampler's convention)."""
         if not is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got epoch={epoch!r}")
-        if epoch != self.epoch:
-            self._close_epoch()
-            self.epoch = epoch
-            self._position = 0
-            self._epoch_calls = 0
-        self._exhausted = False
-
-    def _drawn(self) -> bool:
-        return self._selection_epoch == self.epoch
-
-    def _epoch_trained(self) -> bool:
-        self._settle()
-        return self._drawn() and self._position >= self._shard_len
-
-    def _epoch_done(self) -> bool:
-        return self._drawn() and (self._exhausted or self._epoch_trained())
-
-    # ---- what counts: rows trained -------------------------------------------------------
-    def _settle(self, cheap_only: bool = False) -> None:
-        """Bring the host's count of the epoch's trained rows up to the device's, which also
-        counts the calls the host did not run (compiled ones): a no-op until one was traced."""
-        if not self._drawn():
-            return
-        got = self._rows.settle(cheap_only)
-        if got is None:
-            return
-        trained, calls = got
-        if trained > self._position:
-            self.budget.consumed(trained - self._position, max(0, calls - self._epoch_calls))
-            self._position = trained
-        self._epoch_calls = max(self._epoch_calls, calls)
-
-    def _close_epoch(self) -> None:
-        """Before the sampler moves past a drawn epoch: warn (once each) when it was handed
-        out but not trained (a reused sampler), or only partly trained (drop_last, a break)."""
-        if not self._drawn() or self.time_mode:
-            return
-        self._settle()
-        shard = self._shard_len
-        if self._position >= shard or not self.budget.loss_calls:
-            return
-        if self._position == 0 and self._exhausted:
-            self._warn_once("untrained", f"fastsel: epoch {self.epoch} was handed out but none of its "
-                            f"{shard} rows were trained, so the budget skips it: was the sampler "
-                            "iterated twice in one epoch (an evaluation DataLoader given the training "
-                            "sampler, or list(sampler) called again inside the loop)? Give evaluation "
-                            "its own sampler (e.g. torch.utils.data.SequentialSampler)")
-        elif self._position > 0:
-            self._warn_once("partial", f"fastsel: epoch {self.epoch} trained {self._position} of its "
-                            f"{shard} rows: DataLoader(drop_last=True) drops the last partial batch, "
-                            "or the loop left the epoch early (a break); the budget will end unspent. "
-                            "Pass drop_last=False to the DataLoader (the sampler already fixes each "
-                            "epoch's length)")
+        self.cursor.move_to(epoch, self.time_mode)
 
     def _warn_unspent(self) -> None:
         """At the end of a fraction budget: warn once if rows of it were never trained."""
         if self.time_mode or not self.budget.loss_calls or self.num_epochs is None:
             return
-        self._settle()
+        self.cursor.settle()
         total = self.num_epochs * self.shard.length(self.budget.epoch_count(self.n))
         short = total - self.budget.trained
         if short > 0:
-            self._warn_once("unspent", f"fastsel: the run ended with {short} of the budget's {total} "
+            self.cursor.warn_once("unspent", f"fastsel: the run ended with {short} of the budget's {total} "
                             f"rows untrained on this rank (progress {self.progress():.3f}, so BudgetLR "
                             "did not reach 0): DataLoader(drop_last=True) or a break out of an epoch? "
                             "Pass drop_last=False and let every epoch run to its end")
 
-    def _warn_once(self, key: str, text: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(text, stacklevel=4)
-
     def _next_epoch(self) -> int:
         """The epoch the next iteration draws: the current one, or the one after it once
         its iterator ran out."""
-        return self.epoch + 1 if self._epoch_done() and self._exhausted else self.epoch
+        return self.epoch + 1 if self.cursor.done() and self.cursor.exhausted else self.epoch
 
     def _spent(self) -> bool:
         """Whether the budget allows no more epochs (warns once when asked to iterate past)."""
@@ -313,14 +183,14 @@ class Sampler(torch.utils.data.Sampler[int]):
         """Yield epoch numbers until the budget is spent, calling ``set_epoch`` for each;
         after a resume it starts with the interrupted epoch."""
         self.budget.start_clock()
-        e = self.epoch + 1 if self._epoch_done() else self.epoch
+        e = self.epoch + 1 if self.cursor.done() else self.epoch
         while not self.budget.past_end(e):
             if self._time_up():
                 return
             self.set_epoch(e)
             yield e
             e = self.epoch + 1
-        self._close_epoch()
+        self.cursor.close(self.time_mode)
         self._warn_unspent()
 
     def _start_iteration(self, trained_is_done: bool = False) -> bool:
@@ -335,17 +205,17 @@ class Sampler(torch.utils.data.Sampler[int]):
                                "torch.distributed.init_process_group(...) before iterating, or leave "
                                "num_replicas and rank unset for one process")
         self.budget.start_clock()
-        if self._epoch_done() and (self._exhausted or trained_is_done):
+        if self.cursor.done() and (self.cursor.exhausted or trained_is_done):
             self.set_epoch(self.epoch + 1)
         if self._spent():
-            self._exhausted = True
+            self.cursor.exhausted = True
             return False
         self._ensure_selection()
         return True
 
     def __iter__(self) -> Iterator[int]:
-        _refuse_wrappers(sys._getframe(1))
-        return _EpochIterator(self) if self._start_iteration() else iter(())
+        refuse_wrappers(sys._getframe(1))
+        return EpochIterator(self.cursor, self._may_hand_out) if self._start_iteration() else iter(())
 
     def __len__(self) -> int:
         """This rank's whole epoch length (also after a mid-epoch resume); 0 past the budget.
@@ -354,7 +224,8 @@ class Sampler(torch.utils.data.Sampler[int]):
         e = self._next_epoch()
         if self.budget.past_end(e) or self.budget.time_up():   # this process's clock: no collective
             return 0
-        k = self._selection.numel() if e == self._selection_epoch else self.budget.epoch_count(self.n)  # type: ignore[union-attr]
+        c = self.cursor
+        k = c.selection.numel() if e == c.selection_epoch else self.budget.epoch_count(self.n)  # type: ignore[union-attr]
         return self.shard.length(k)
 
     def epoch_indices(self) -> List[int]:
@@ -365,14 +236,8 @@ class Sampler(torch.utils.data.Sampler[int]):
     def epoch_array(self) -> "np.ndarray":
         """This rank's indices still to train in the current epoch, as an int64 numpy array
         (for FFCV), drawing its selection if needed."""
-        return self._shard_tensor()[self.position:].numpy()
-
-    def _shard_tensor(self) -> torch.Tensor:
-        """This rank's shard of the epoch's selection, on the host."""
         self._ensure_selection()
-        if self._shard_cpu is None:
-            self._shard_cpu = self.shard.take(self._selection)  # type: ignore[arg-type]
-        return self._shard_cpu
+        return self.cursor.shard_tensor()[self.position:].numpy()
 
     # ---- the selection pass ---------------------------------------------------------------
     def _get_backend(self, device: torch.device) -> Any:
@@ -389,20 +254,12 @@ class Sampler(torch.utils.data.Sampler[int]):
         return self._backend
 
     def _ensure_selection(self) -> None:
-        if self._selection_epoch == self.epoch:
+        c = self.cursor
+        if c.drawn():
             return
         progress = self.progress() if self.time_mode else self.epoch / max(1, self.num_epochs)  # type: ignore[arg-type]
-        order = self._passes(self.epoch, self._get_backend, self._rows.take_faults(), progress)
-        self._set_selection(order, self.epoch)
-
-    def _set_selection(self, order: Optional[torch.Tensor], epoch: Optional[int]) -> None:
-        """The epoch's selection (None: none), and its rows opened on the device for the ops."""
-        self._selection, self._selection_epoch = order, epoch
-        self._shard_cpu = None
-        shard = len(self._shard_tensor()) if order is not None else -1  # the one device→host copy
-        self._shard_len = shard
-        self._rows.open(order, self.epoch if epoch is None else epoch, shard, self._position)
-        self._epoch_calls = 0
+        c.set_selection(self._passes(self.epoch, self._get_backend, c.rows.take_faults(), progress),
+                        self.epoch)
 
     # ---- the loss call ------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor, *,
@@ -423,17 +280,17 @@ class Sampler(torch.utils.data.Sampler[int]):
         step compiles once across epochs.
         """
         if unknown:
-            _refuse_call_settings("loss", unknown)
+            refuse_call_settings("loss", unknown)
         cfg = self._call_config(reduction)
         check_step_args(logits, target, indices, cfg)
         host = update and not torch.compiler.is_compiling()
         if host:
-            self._check_room(logits.shape[0])
+            self.cursor.check_room(logits.shape[0])
         backend = self._follow(logits.device, cfg)
         out = ops.ce_step(backend.step_impl(logits, target), logits, target, indices,
                           self._op_state, cfg, update)  # type: ignore[arg-type]
         if host:
-            self._consumed(logits.shape[0])
+            self.cursor.consumed(logits.shape[0])
         return out
 
     def observe(self, losses: torch.Tensor, indices: torch.Tensor, *,
@@ -449,17 +306,17 @@ class Sampler(torch.utils.data.Sampler[int]):
         ``reduction`` and ``update`` as in ``loss()``; ``"mean"`` divides by the rows.
         """
         if unknown:
-            _refuse_call_settings("observe", unknown)
+            refuse_call_settings("observe", unknown)
         check_observe_args(losses, indices, p_true)
         cfg = self._call_config(reduction)
         host = update and not torch.compiler.is_compiling()
         if host:
-            self._check_room(losses.shape[0])
+            self.cursor.check_room(losses.shape[0])
         backend = self._follow(losses.device, cfg)
         out = ops.observe(backend.observe_impl(losses), losses, p_true, indices,
                           self._op_state, cfg, update)  # type: ignore[arg-type]
         if host:
-            self._consumed(losses.shape[0])
+            self.cursor.consumed(losses.shape[0])
         return out
 
     def skip(self, indices: torch.Tensor) -> None:
@@ -471,18 +328,13 @@ class Sampler(torch.utils.data.Sampler[int]):
         if indices.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"indices must be int64 or int32, got {indices.dtype}")
         strict = (indices.device.type == "cpu") if self._strict is None else bool(self._strict)
-        self._check_room(int(indices.shape[0]))
-        if indices.device != self._rows.device:
+        c = self.cursor
+        c.check_room(int(indices.shape[0]))
+        if indices.device != c.rows.device:
             raise ValueError(f"indices is on {indices.device} but the sampler's state is on "
-                             f"{self._rows.device}: move it with .to({str(self._rows.device)!r})")
-        self._rows.skip(indices, strict)
-        self._consumed(int(indices.shape[0]))
-
-    def _check_room(self, b: int) -> None:
-        """Refuse ``b`` rows outside an epoch in progress or past its shard (fastsel.rows),
-        before the call moves or writes anything."""
-        self._rows.check_room(b, epoch=self.epoch, drawn=self._drawn(), position=self._position,
-                              shard_len=self._shard_len)
+                             f"{c.rows.device}: move it with .to({str(c.rows.device)!r})")
+        c.rows.skip(indices, strict)
+        c.consumed(int(indices.shape[0]))
 
     def _call_config(self, reduction: Optional[str]) -> LossConfig:
         """The loss settings of one call: the sampler's, with ``reduction`` overridden."""
@@ -506,10 +358,11 @@ class Sampler(torch.utils.data.Sampler[int]):
             self.state.to(dev)
             if self._sync is not None:
                 self._sync.to(dev)
-            if self._selection is not None:
-                self._selection = self._selection.to(dev)
-            self._rows.to(dev)
-            self._op_state = state_args(self.state, self._rows.epoch, self._rows)
+            c = self.cursor
+            if c.selection is not None:
+                c.selection = c.selection.to(dev)
+            c.rows.to(dev)
+            self._op_state = state_args(self.state, c.rows.epoch, c.rows)
             self._backend = None
         w = self.cfg.class_weight
         if w is not None and w.device != dev:
@@ -521,19 +374,12 @@ class Sampler(torch.utils.data.Sampler[int]):
             cfg.strict = self._strict_on
         return backend
 
-    def _consumed(self, b: int) -> None:
-        """A batch of b rows went through (the host saw it): the epoch position and the
-        budget advance, as the ops advanced the device's count."""
-        self._position += b
-        self._epoch_calls += 1
-        self.budget.consumed(b)
-
     # ---- observability ----------------------------------------------------------------
     def summary(self) -> Summary:
         """Selected fraction, samples seen/skipped, passes saved, selection time, entropy,
         and the mean observed loss per epoch (the last entry is the current epoch so far;
         under DDP that one is this rank's until the next selection pass merges them)."""
-        self._settle()
+        self.cursor.settle()
         st, b = self.state, self.budget
         epochs_run = len(b.epoch_counts)
         # Full training: every sample in every epoch the recipe (or the time budget) ran.
@@ -568,42 +414,17 @@ class Sampler(torch.utils.data.Sampler[int]):
         Under DDP it holds this rank's updates since the last selection pass: save one per
         rank, or save at an epoch boundary.
         """
-        self._settle()
-        return checkpoint.state_dict(self)
+        return checkpoint.state_dict(self._parts())
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         """Restore a ``state_dict``. Every field is checked before anything is written (a
         bad one is refused, naming it, and nothing changes); no tensor is shared with ``sd``."""
-        checkpoint.load(self, sd)
+        checkpoint.load(self._parts(), sd)
 
-
-#: Loss settings a user may pass to the call, where they belong on the Sampler.
-_SAMPLER_SETTINGS = ("ignore_index", "label_smoothing", "class_weight", "weight", "ema")
-
-
-def _refuse_call_settings(call: str, unknown: Dict[str, Any]) -> None:
-    """Refuse keyword arguments ``loss``/``observe`` do not take, naming where they go."""
-    name, value = next(iter(unknown.items()))
-    if name in _SAMPLER_SETTINGS:
-        arg = "class_weight" if name == "weight" else name
-        raise TypeError(f"Sampler.{call}() takes no {name}={value!r}: the loss settings belong on the "
-                        f"Sampler, set once for every call: fastsel.Sampler(..., {arg}={value!r})")
-    raise TypeError(f"Sampler.{call}() got an unexpected keyword argument {name!r} (it takes "
-                    "reduction= and update=; the loss settings go on the Sampler)")
-
-
-def _refuse_wrappers(frame: Optional[types.FrameType]) -> None:
-    """Refuse iteration by a distributed wrapper (Lightning's DistributedSamplerWrapper, a
-    torch DistributedSampler over the sampler): fastsel shards itself, so a wrapper would
-    shard its shard and read lengths of epochs it does not know."""
-    for _ in range(3):
-        if frame is None:
-            return
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch.utils.data.DistributedSampler) or type(owner).__name__ == "_DatasetSamplerWrapper":
-            raise TypeError(f"fastsel.Sampler is being iterated by {type(owner).__name__}, a distributed "
-                            "wrapper: fastsel shards itself (num_replicas and rank default to the process "
-                            "group). Give the DataLoader the Sampler itself: in Lightning pass "
-                            "Trainer(use_distributed_sampler=False); elsewhere drop the "
-                            "DistributedSampler/DistributedSamplerWrapper")
-        frame = frame.f_back
+    def _parts(self) -> checkpoint.Parts:
+        b = self.budget
+        config = {"n": self.n, "policy": self.policy.config(), "budget": b.fraction,
+                  "time_budget": b.seconds, "epochs": b.epochs_total,
+                  "world_size": self.world_size, "drop_last": self.drop_last}
+        return checkpoint.Parts(config, self.seed, self.time_mode, self.cursor, self.state,
+                                self.policy, self._passes, self._sync, b)

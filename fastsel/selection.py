@@ -7,17 +7,19 @@ all-reduce leaves every rank with the same state, so every rank draws the same s
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from . import rng
 from .budget import Budget
-from .validation.tensors import raise_for_errors
 from .distributed import StateSync
 from .policies import Policy, SelectionContext
 from .rows import raise_for_faults
 from .state import STAT_EPOCH_COUNT, STAT_EPOCH_LOSS, SampleState
+from .validation.fields import check_real, refuse, require
+from .validation.tensors import raise_for_errors
+from .validation.values import is_real
 from .threads import calling_thread_only
 
 
@@ -102,6 +104,33 @@ class SelectionPass:
         """Mean loss observed since the last pass (all ranks once merged), or None."""
         total, count = self.state.stats[[STAT_EPOCH_LOSS, STAT_EPOCH_COUNT]].tolist()
         return total / count if count else None
+
+    # ---- checkpoint: the generator (key ``generator``), and in ``counters`` the passes'
+    # time and the finished epochs' mean losses ---------------------------------------------
+    def generator_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def counters(self) -> Dict[str, Any]:
+        return {"selection_time": self.seconds, "epoch_losses": list(self.epoch_losses)}
+
+    def check_generator_state(self, gen: Any) -> None:
+        ref = self.generator.get_state()
+        if not isinstance(gen, torch.Tensor) or gen.dtype != ref.dtype or gen.shape != ref.shape:
+            raise refuse("generator", f"must be a torch.Generator state ({ref.dtype} tensor of "
+                         f"shape {tuple(ref.shape)})")
+
+    @staticmethod
+    def check_counters(sd: Dict[str, Any]) -> None:
+        check_real("counters.selection_time", require(sd, "selection_time", "counters"), lo=0.0)
+        losses = sd.get("epoch_losses", [])   # absent from checkpoints of older versions
+        if not isinstance(losses, list) or not all(is_real(v) for v in losses):
+            raise refuse("counters.epoch_losses", f"must be a list of numbers, got {losses!r}")
+
+    def load(self, generator: torch.Tensor, counters: Dict[str, Any]) -> None:
+        """Write checked fields, keeping no tensor of the checkpoint."""
+        self.generator.set_state(generator.clone())
+        self.seconds = float(counters["selection_time"])
+        self.epoch_losses = [float(v) for v in counters.get("epoch_losses", [])]
 
     def _close_epoch_loss(self) -> None:
         mean = self.epoch_loss()

@@ -11,21 +11,18 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastsel
-from helpers import _step, fake_labels, fake_logits, train_epoch
-
-
-def snapshot(s):
-    """Everything a loss call may change: the per-sample state, position and counters."""
-    st = {k: v.clone() for k, v in s.state.state_dict().items() if isinstance(v, torch.Tensor)}
-    return st, s.position, s.budget.trained, s.budget.loss_calls
+from helpers import _step, fake_labels, fake_logits, snapshot, train_epoch
 
 
 def assert_unchanged(s, before):
-    st, pos, trained, calls = before
-    now = s.state.state_dict()
+    """Nothing a loss call may change (``snapshot``: the per-sample state, position and
+    counters) changed since ``before``."""
+    st, *counters = before
+    now, *counters_now = snapshot(s)
+    assert st.keys() == now.keys()
     for k, v in st.items():
-        assert torch.equal(v, now[k]), k
-    assert (s.position, s.budget.trained, s.budget.loss_calls) == (pos, trained, calls)
+        assert torch.equal(v, now[k]) if isinstance(v, torch.Tensor) else v == now[k], k
+    assert counters_now == counters
 
 
 def call(s, idx, update=True, how="loss"):
@@ -198,7 +195,7 @@ def test_len_runs_no_selection_pass_and_no_collective(monkeypatch):
     assert len(s) == 30
     f = fastsel.Sampler(101, budget=0.3, epochs=2, num_replicas=2, rank=0)
     monkeypatch.setattr(f, "_passes", forbidden)
-    assert len(f) == 15 and f._selection is None
+    assert len(f) == 15 and f.cursor.selection is None
 
 
 def test_len_is_the_whole_epoch_after_a_mid_epoch_resume():
@@ -279,16 +276,16 @@ def corrupt(sd, path, value):
     (("generator",), KeyError, "missing \\['generator'\\]"),
     (("policy_state",), KeyError, "missing \\['policy_state'\\]"),
     (("counters",), KeyError, "missing \\['counters'\\]"),
-    (("epoch",), -1, "'epoch' must be a non-negative int, got -1"),
-    (("position",), -10, "'position' must be a non-negative int, got -10"),
+    (("epoch",), -1, "'epoch' must be >= 0, got -1"),
+    (("position",), -10, "'position' must be >= 0, got -10"),
     (("position",), 31, "'position' is 31, beyond the 30 rows"),
-    (("position",), 3.0, "'position' must be a non-negative int"),
+    (("position",), 3.0, "'position' must be an int, got float 3.0"),
     (("exhausted",), "yes", "'exhausted' must be a bool"),
     (("selection",), torch.arange(30).float(), "'selection' must be None or a 1-D int64"),
     (("selection",), torch.tensor([0, 60]), "'selection' must be None or a 1-D int64"),
     (("selection_epoch",), -2, "'selection_epoch'"),
     (("generator",), torch.zeros(3, dtype=torch.uint8), "'generator'"),
-    (("counters", "trained"), -5, "'counters.trained' must be a non-negative int"),
+    (("counters", "trained"), -5, "'counters.trained' must be >= 0, got -5"),
     (("counters", "elapsed"), float("nan"), "'counters.elapsed'"),
     (("counters", "epoch_counts"), [30, -1], "'counters.epoch_counts'"),
     (("counters", "loss_calls"), KeyError, "'counters.loss_calls'"),
@@ -299,11 +296,11 @@ def test_load_state_dict_refuses_each_bad_field_and_changes_nothing(path, value,
     s = trained_sampler()
     call(s, s.epoch_indices()[:6])   # a different state from src's, to see nothing is written
     before = snapshot(s)
-    sel, epoch = s._selection.clone(), s.epoch
+    sel, epoch = s.cursor.selection.clone(), s.epoch
     with pytest.raises(ValueError, match=match):
         s.load_state_dict(sd)
     assert_unchanged(s, before)
-    assert torch.equal(s._selection, sel) and s.epoch == epoch
+    assert torch.equal(s.cursor.selection, sel) and s.epoch == epoch
 
 
 def test_a_loaded_sampler_shares_no_tensor_with_the_dict():
@@ -320,7 +317,7 @@ def test_a_loaded_sampler_shares_no_tensor_with_the_dict():
         assert torch.equal(sd["state"][k], v), k
     assert torch.equal(sd["selection"], sel)
     sd["selection"].zero_()
-    assert not torch.equal(s._selection, sd["selection"])
+    assert not torch.equal(s.cursor.selection, sd["selection"])
 
 
 # ---- 10. arguments -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def _worker(rank, world, init_file, out_dir, n, policy, kwargs):
             trained = train_epoch(s, 8)
             assert trained == shard
             record.append({"epoch": e, "len": length, "shard": trained,
-                           "selection": s._selection.tolist(), "state": state})
+                           "selection": s.cursor.selection.tolist(), "state": state})
         s.set_epoch(s.epoch + 1)
         s.epoch_indices()  # a last pass merges the last epoch's updates
         final = {k: v.clone() for k, v in s.state.state_dict().items() if isinstance(v, torch.Tensor)}

@@ -296,7 +296,7 @@ def _rank(rank, world, init_file, beton_path, out_dir, indices=None):
             for _, lab, ids in loader:
                 s.loss(torch.randn(len(ids), 10), lab, order.sampler_ids(ids))
                 got += ids.tolist()
-            shards.append((got, s._selection.tolist()))
+            shards.append((got, s.cursor.selection.tolist()))
         torch.save(shards, os.path.join(out_dir, f"ffcv{rank}.pt"))
     finally:
         dist.destroy_process_group()

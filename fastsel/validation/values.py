@@ -28,15 +28,19 @@ def message(name: str, requirement: str, got: str, fix: str = "") -> str:
     return f"{name} must be {requirement}, got {got}" + (f"; {fix}" if fix else "")
 
 
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
 def range_text(lo: Optional[float], hi: Optional[float], lo_open: bool = False,
                hi_open: bool = False) -> str:
     """``[lo, hi]``-style words for a range, ends open as asked ('' when unbounded)."""
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        return f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
     if lo is not None:
-        return f"{'>' if lo_open else '>='} {lo}"
+        return f"{'>' if lo_open else '>='} {_num(lo)}"
     if hi is not None:
-        return f"{'<' if hi_open else '<='} {hi}"
+        return f"{'<' if hi_open else '<='} {_num(hi)}"
     return ""
 
 
