@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .layout import REDUCTIONS
+from .validation.values import check_int, check_real
 
 
 @dataclass
@@ -28,16 +29,13 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got reduction={self.reduction!r}")
-        if not 0.0 <= float(self.label_smoothing) <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1], got label_smoothing={self.label_smoothing}")
-        if not 0.0 < float(self.ema) <= 1.0:
-            raise ValueError(f"ema must be in (0, 1], got ema={self.ema}")
+        self.ignore_index = check_int("ignore_index", self.ignore_index)
+        self.label_smoothing = check_real("label_smoothing", self.label_smoothing, 0.0, 1.0, what="")
+        self.ema = check_real("ema", self.ema, 0.0, 1.0, lo_open=True, what="")
         if self.class_weight is not None:
             w = self.class_weight
             if not isinstance(w, torch.Tensor) or w.dim() != 1 or not w.is_floating_point():
                 raise ValueError("class_weight must be a 1-D floating-point tensor of C entries")
-        self.ignore_index, self.label_smoothing = int(self.ignore_index), float(self.label_smoothing)
-        self.ema = float(self.ema)
         #: ``reduction`` as the ops take it (``layout.REDUCTIONS``' index).
         self.reduction_code = REDUCTIONS.index(self.reduction)
 

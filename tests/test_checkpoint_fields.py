@@ -1,8 +1,6 @@
 """Checkpoint fields (issue 12, items 7 and 8): every loader validates every field before it
 writes anything, never shares a tensor with the dict it loaded, and every checkpoint loads
 with ``torch.load(weights_only=True)``, torch's default."""
-import copy
-import io
 
 import pytest
 import torch
@@ -17,24 +15,11 @@ from fastsel.layout import (ERR_INDEX_COUNT, ERR_INDEX_VALUE, ERR_LABEL_COUNT, E
 from fastsel.policies import POLICIES
 from fastsel.selective import SelectiveStep
 from fastsel.state import SampleState
-from helpers import _step, train_epoch
+from helpers import _step, snapshot, train_epoch, weights_only
 
 N = 157
 PER_SAMPLE = [name for name, _ in FIELDS]
 NAN, INF = float("nan"), float("inf")
-
-
-def weights_only(obj):
-    """``obj`` through torch.save and torch.load(weights_only=True)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def snapshot(obj):
-    """A deep copy of a (nested) state_dict, tensors cloned."""
-    return copy.deepcopy(obj)
 
 
 def assert_same(a, b, path="sd"):

@@ -34,6 +34,7 @@ import torch
 
 from fastsel import layout, rng
 from fastsel.backends import reference
+from helpers import batch, make_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -225,18 +226,6 @@ class Scratch:
         assert int(self.group.abs().sum()) == 0, "the step left a group sum non-zero"
 
 
-def make_state(n, seed):
-    """The ops' state tensors from a non-trivial start (some samples seen, weights not 1)."""
-    g = torch.Generator().manual_seed(seed)
-    seen = torch.randint(0, 3, (n + 1,), generator=g, dtype=torch.int32)
-    seen[n] = 0
-    was = seen > 0
-    return [torch.rand(n + 1, generator=g) * 2 * was, torch.rand(n + 1, generator=g) * 0.2 * was,
-            torch.rand(n + 1, generator=g) * was, seen, torch.where(was, 2, -1).to(torch.int32),
-            torch.cat([torch.rand(n, generator=g) + 0.5, torch.ones(1)]),
-            torch.tensor([1.0, 4.5, 3.0], dtype=torch.float64), torch.zeros(layout.ERR_SIZE, dtype=torch.int64)]
-
-
 def _epoch(epoch):
     return epoch if isinstance(epoch, torch.Tensor) else torch.tensor(int(epoch), dtype=torch.int64)
 
@@ -296,19 +285,6 @@ def run_both(lib, scratch, logits, target, indices, n=23, seed=0, grad_tol=1.0, 
     return st_e, se
 
 
-def _batch(b, c, n, seed, dtype=torch.float32, dup_pool=None, bad=True, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(b, c, generator=g) * scale).to(dtype)
-    y = torch.randint(0, c, (b,), generator=g)
-    i = torch.randint(0, dup_pool or n, (b,), generator=g)
-    if bad and b >= 6:
-        y[1] = -100          # ignored
-        i[3] = n             # out of range
-        y[4] = c + 2         # bad label
-        i[5] = -1
-    return x, y, i
-
-
 # ---- the step on the emulated kernels --------------------------------------------------------
 
 # One C per kernel configuration: lanes per row 4, 8, 16, 32 with 1 logit per lane; 32 lanes
@@ -320,7 +296,7 @@ CLASS_COUNTS = [1, 3, 7, 16, 31, 50, 100, 200, 400, 1000, 1100]
 def test_emulated_step_every_class_count_path(emu, c):
     s = Scratch(emu)
     for reduction in ("mean", "sum", "none"):
-        x, y, i = _batch(37, c, 23, seed=c, dup_pool=9)
+        x, y, i = batch(c, 37, c, 23, pool=9, faults=True)
         run_both(emu, s, x, y, i, reduction=reduction, label_smoothing=0.1 if reduction == "sum" else 0.0)
 
 
@@ -328,7 +304,7 @@ def test_emulated_step_every_class_count_path(emu, c):
 def test_emulated_step_low_precision_logits(emu, dtype):
     s = Scratch(emu)
     for c in (10, 300, 1500):
-        x, y, i = _batch(21, c, 23, seed=c, dtype=dtype, dup_pool=11)
+        x, y, i = batch(c, 21, c, 23, dtype, pool=11, faults=True)
         run_both(emu, s, x, y, i)
 
 
@@ -338,7 +314,7 @@ def test_emulated_step_class_weights_smoothing_and_ignore_index(emu):
         w = torch.rand(c, generator=torch.Generator().manual_seed(c)) + 0.2
         for ls in (0.0, 0.2):
             for reduction in ("mean", "sum", "none"):
-                x, y, i = _batch(29, c, 23, seed=c + 1, dup_pool=13)
+                x, y, i = batch(c + 1, 29, c, 23, pool=13, faults=True)
                 y[7] = 3
                 run_both(emu, s, x, y, i, class_weight=w, label_smoothing=ls, reduction=reduction, ignore_index=3)
 
@@ -348,10 +324,10 @@ def test_emulated_step_duplicates_and_one_index_batch(emu):
     here, so blocks also loop over tiles), and a batch whose rows all carry one index."""
     s = Scratch(emu)
     for c, b in ((4, 300), (20, 70), (64, 90), (2000, 19)):
-        x, y, i = _batch(b, c, 23, seed=b, bad=False)
+        x, y, i = batch(b, b, c, 23)
         i[:] = 5
         run_both(emu, s, x, y, i)
-        x, y, i = _batch(b, c, 23, seed=b + 1, dup_pool=3)
+        x, y, i = batch(b + 1, b, c, 23, pool=3, faults=True)
         run_both(emu, s, x, y, i, ema=0.9)
 
 
@@ -361,7 +337,7 @@ def test_emulated_step_consecutive_steps_share_the_scratch(emu):
     s = Scratch(emu)
     st_e, st_r = make_state(40, 1), make_state(40, 1)
     for step, (b, c) in enumerate([(9, 5), (50, 40), (3, 5), (64, 300), (0, 7), (33, 2)]):
-        x, y, i = _batch(b, c, 40, seed=step, dup_pool=12 if step % 2 else None)
+        x, y, i = batch(step, b, c, 40, pool=12 if step % 2 else None, faults=True)
         for kw in ({}, {"update": False}, {"need_grad": False, "reduction": "sum"}):
             out, grad, scale, _ = emu_step(emu, s, x, y, i, st_e, epoch=step, **kw)
             ref_out, ref_grad, _ = ref_step(x, y, i, st_r, epoch=step, **kw)
@@ -374,7 +350,7 @@ def test_emulated_step_consecutive_steps_share_the_scratch(emu):
 def test_emulated_step_nonfinite_rows_and_int32_inputs(emu):
     s = Scratch(emu)
     for c in (6, 90, 1200):
-        x, y, i = _batch(24, c, 23, seed=c, dup_pool=8)
+        x, y, i = batch(c, 24, c, 23, pool=8, faults=True)
         x[0, 2] = float("nan")
         x[2] = float("-inf")
         x[6, 0] = float("inf")
@@ -386,14 +362,14 @@ def test_emulated_step_nonfinite_rows_and_int32_inputs(emu):
 
 def test_emulated_step_strict_mode_refuses_before_any_write(emu):
     s = Scratch(emu)
-    x, y, i = _batch(30, 12, 23, seed=4, dup_pool=6)
+    x, y, i = batch(4, 30, 12, 23, pool=6, faults=True)
     st = make_state(23, 2)
     before = [t.clone() for t in st]
     _, _, _, se = emu_step(emu, s, x, y, i, st, strict=True)
     assert se[:S_OVER].tolist() == [2, int(i[3]), 1, int(y[4])]
     assert se[S_OVER:].tolist() == [0, 0, 0, 0, 0, 3]  # every row counts (no rows given): no room or stray figures
     assert_states(st, before)
-    x, y, i = _batch(30, 12, 23, seed=5, dup_pool=6, bad=False)  # nothing bad: a normal step
+    x, y, i = batch(5, 30, 12, 23, pool=6)  # nothing bad: a normal step
     st_e, se = run_both(emu, s, x, y, i, strict=True)
     assert se[:S_OVER].tolist() == [0, 0, 0, 0] and se[S_STRAY_COUNT] == 0
 
@@ -561,7 +537,7 @@ def test_emulated_step_a_call_without_room_is_left_out_whole(emu):
     member, rows = make_rows(n, seed=1, shard=-1)
     member[:n] = 1
     st = make_state(n, 0), make_state(n, 0)
-    x, y, i = _batch(37, 12, n, seed=3, dup_pool=5)   # with bad rows
+    x, y, i = batch(3, 37, 12, n, pool=5, faults=True)   # with bad rows
     x[0, 1] = float("nan")
     for red in ("mean", "sum", "none"):
         r0 = rows.clone()
@@ -572,7 +548,7 @@ def test_emulated_step_a_call_without_room_is_left_out_whole(emu):
     for call, (trained, shard, b) in enumerate([(0, -1, 37), (0, -1, 0), (40, 50, 11), (40, 50, 10), (50, 50, 0),
                                                 (50, 50, 1)]):
         rows[layout.ROW_TRAINED], rows[layout.ROW_SHARD] = trained, shard
-        x, y, i = _batch(b, 7, n, seed=call, dup_pool=4)
+        x, y, i = batch(call, b, 7, n, pool=4, faults=True)
         run_rows(emu, s, x, y, i, member, rows, st=st, epoch=call)
     assert rows.tolist() == [50, 50, 2, 0, 0, 37 + 11 + 1, -1, 0]
 
@@ -738,7 +714,7 @@ def _to(state, dev):
 def test_gpu_step_matches_reference(b, c):
     dev = "cuda"
     for dup in (None, 50, 1):
-        x, y, i = _batch(b, c, 5000, seed=b + c, dup_pool=dup)
+        x, y, i = batch(b + c, b, c, 5000, pool=dup, faults=True)
         x, y, i = x.to(dev), y.to(dev), i.to(dev)
         for kw in ({}, {"reduction": "none", "label_smoothing": 0.1}, {"update": False}):
             st_c, st_r = _to(make_state(5000, 1), dev), _to(make_state(5000, 1), dev)
@@ -809,7 +785,7 @@ def test_gpu_backward_is_the_formula_bit_for_bit(dtype):
     formula run on the same device, bit for bit, for every reduction and grad_output form."""
     dev, n = "cuda", 5000
     for b, c in ((300, 7), (1024, 1000)):
-        x, y, i = _batch(b, c, n, seed=b + c, dtype=dtype, dup_pool=50)
+        x, y, i = batch(b + c, b, c, n, dtype, pool=50, faults=True)
         x, y, i = x.to(dev).requires_grad_(True), y.to(dev), i.to(dev)
         for red in ("mean", "sum", "none"):
             args = (None, None, torch.tensor(4, device=dev), None, -100, 0.1, 0.3, RED[red], False, True, True)
@@ -889,7 +865,7 @@ def test_gpu_step_captured_in_a_cuda_graph_replays_like_eager():
     replayed on new batches copied into its inputs leaves the state eager steps leave."""
     dev = "cuda"
     n, b, c = 3000, 512, 100
-    batches = [_batch(b, c, n, seed=s, dup_pool=400) for s in range(4)]
+    batches = [batch(s, b, c, n, pool=400, faults=True) for s in range(4)]
     op = _gpu_op("ce_step")
 
     # The epoch's rows, changed in place between calls as EpochRows does: a new epoch after
@@ -957,7 +933,7 @@ def test_gpu_capture_without_warm_up_is_refused_clearly():
     dev = "cuda"
     n = 12_000_001  # more samples than any other test's state: the slot array would have to grow
     st = _to(make_state(n, 0), dev)
-    x, y, i = (t.to(dev) for t in _batch(64, 10, n, seed=0))
+    x, y, i = (t.to(dev) for t in batch(0, 64, 10, n, faults=True))
     g = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="warm-up"):
         with torch.cuda.graph(g):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import fastsel
 from fastsel import SelectiveStep
+from helpers import snapshot
 
 
 def started(n=50, backend="auto", **kw):
@@ -14,14 +15,11 @@ def started(n=50, backend="auto", **kw):
     return s, list(iter(s))
 
 
-def snapshot(s):
-    sd = s.state_dict()
-    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sd["state"].items()}, s.position
-
-
 def same(a, b, exact=True):
-    (sa, pa), (sb, pb) = a, b
-    assert pa == pb
+    """Two snapshots of a Sampler: the same position, counters and per-sample state."""
+    (sa, *ca), (sb, *cb) = a, b
+    assert ca == cb
+    assert sa.keys() == sb.keys()
     for k in sa:
         if isinstance(sa[k], torch.Tensor):
             if exact or not sa[k].is_floating_point():

@@ -1,6 +1,5 @@
 """RHO-LOSS (policy="rho"): keys against a hand computation, unseen samples first, argument
 checks, checkpoints; the redundant synthetic set; and compare charging rho's holdout model."""
-import io
 import warnings
 
 import pytest
@@ -15,6 +14,7 @@ from fastsel.policies import SelectionContext, make_policy
 from fastsel.policies.rho import RHO, fit_irreducible, irreducible_losses
 from fastsel.state import SampleState
 from fastsel.experiments.train import RunSpec, make_sampler, rho_plan, train_one
+from helpers import weights_only
 
 # loss EMA, irreducible loss and their difference (exact in float32):
 LOSS = [1.0, 2.0, 0.5, 3.0, 2.5, 1.5, 0.2, 2.0]
@@ -23,13 +23,6 @@ IRR = [0.1, 1.9, 0.4, 0.5, 0.5, 0.0, 0.0, 0.0]
 #   top-3 by hand: 3 (2.5), then the tie 4 and 7 (2.0) by index -> {3, 4, 7};
 #   top-3 by loss alone would be {3, 4, 1}: rho drops sample 1, whose loss is irreducible.
 HAND_TOP = {3: [3], 3.5: [3, 4, 7], 4: [3, 4, 7, 5]}
-
-
-def weights_only(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def ctx_for(policy_state, backend="reference", k=3, key=1234):

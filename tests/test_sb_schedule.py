@@ -4,7 +4,6 @@
 Statistical checks use fixed seeds and 4-standard-deviation tolerances.
 """
 import copy
-import io
 import math
 
 import pytest
@@ -18,6 +17,7 @@ from fastsel import rng
 from fastsel.batch_policies import SelectiveBackprop
 from fastsel.batch_policies.sb import inclusion_probabilities, quota, systematic_sample
 from fastsel.selective import SelectiveStep
+from helpers import weights_only
 from test_selective import data, mlp  # noqa: E402  (the same small model and data)
 
 from test_selective import C  # noqa: E402
@@ -51,13 +51,6 @@ class TinyCNN(nn.Module):
 def images(n=64, hw=8, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, hw, hw, generator=g), torch.randint(0, C, (n,), generator=g)
-
-
-def weights_only(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def epoch(step, x, y, bsz, offset=0):
@@ -310,7 +303,7 @@ def test_schedule_follows_the_samplers_progress_and_observes_each_row_once():
     ({"interrupt": True}, r"interrupt=True"),
     ({"start": 0.2}, r"start=0.2, end=1.0 need the training's progress: pass total_steps="),
     ({"end": 0.9}, r"need the training's progress"),
-    ({"total_steps": 0}, r"total_steps must be a positive int, got total_steps=0"),
+    ({"total_steps": 0}, r"total_steps must be an int >= 1, got total_steps=0"),
 ])
 def test_bad_schedule_arguments_are_refused_by_name(kw, match):
     with pytest.raises(ValueError, match=match):

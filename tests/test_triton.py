@@ -15,6 +15,7 @@ scratch buffers left zero; and the AOT build of every kernel at every launcher
 configuration for sm_80 and sm_90, in a subprocess without TRITON_INTERPRET. Without a GPU
 everything but the AOT build runs under ``TRITON_INTERPRET=1`` (conftest).
 """
+import glob
 import inspect
 import os
 import re
@@ -28,6 +29,7 @@ from fastsel import layout, rng
 from fastsel.backends import available, get_backend
 from fastsel.config import LossConfig
 from fastsel.state import SampleState
+from helpers import batch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = "triton" in available(DEV)
@@ -120,14 +122,6 @@ def test_noise_bit_exact_on_extreme_indices():
 
 # ---- the fused step ---------------------------------------------------------------------
 
-def _batch(gen, b, c, n, dtype=torch.float32):
-    logits = (torch.randn(b, c, generator=gen) * 3).to(dtype)
-    labels = torch.randint(0, c, (b,), generator=gen)
-    labels[torch.rand(b, generator=gen) < 0.1] = -100
-    indices = torch.randint(0, max(1, b // 3), (b,), generator=gen)
-    return logits.to(DEV), labels.to(DEV), indices.to(DEV)
-
-
 def _both(logits, labels, indices, n, cfg, steps=1, epoch=0, weight=None):
     """Run the Triton and reference backends on the same input; return both
     (output, grad, state)."""
@@ -159,7 +153,7 @@ def test_many_classes_loop_over_column_chunks(gen, c):
     """C above the largest column chunk: online softmax over chunks, second sweep for the
     smoothing sums and the gradient; class weights, smoothing, bf16."""
     n = 40
-    logits, labels, indices = _batch(gen, 9, c, n)
+    logits, labels, indices = batch(gen, 9, c, n, pool=3, ignore=0.1, device=DEV)
     w = (torch.rand(c, generator=gen) + 0.5).to(DEV)
     for dtype in (torch.float32, torch.bfloat16):
         cfg = LossConfig(label_smoothing=0.1, class_weight=w)
@@ -181,7 +175,7 @@ def test_gpu_tile_configurations_under_interpreter(gen, monkeypatch, c):
     monkeypatch.setattr(tmod, "interpreting", lambda: False)
     n = 60
     b = 300 if c <= 100 else 70  # 300 rows: duplicates across the merge's 256-row programs
-    logits, labels, indices = _batch(gen, b, c, n)
+    logits, labels, indices = batch(gen, b, c, n, pool=max(1, b // 3), ignore=0.1, device=DEV)
     logits[3, 0] = float("nan")
     weight = torch.rand(n, generator=gen) * 2
     for red in ("mean", "none"):
@@ -204,7 +198,7 @@ def test_observe_gpu_tiles_under_interpreter(gen, monkeypatch):
     tmod = importlib.import_module("fastsel.backends.triton")
     monkeypatch.setattr(tmod, "interpreting", lambda: False)
     n, b = 60, 300
-    _, _, indices = _batch(gen, b, 3, n)
+    _, _, indices = batch(gen, b, 3, n, pool=max(1, b // 3), ignore=0.1, device=DEV)
     weight = torch.rand(n, generator=gen) * 2
     losses = torch.rand(b, generator=gen).to(DEV) * 3
     losses[5] = float("nan")
@@ -242,7 +236,7 @@ def test_epoch_rows_at_gpu_tiles_equal_reference(gen, monkeypatch):
     from fastsel.rows import EpochRows
     monkeypatch.setattr(_tmod(), "interpreting", lambda: False)
     n, c, b = 90, 10, 600
-    logits, labels, _ = _batch(gen, b, c, n)
+    logits, labels, _ = batch(gen, b, c, n, pool=max(1, b // 3), ignore=0.1, device=DEV)
     selection = torch.arange(0, n, 3)               # every third sample
     indices = selection[torch.randint(0, len(selection), (b,), generator=gen)]
     indices[[300, 520, 599]] = 1                    # stray sample 1 (merge programs 1 and 2)
@@ -296,7 +290,7 @@ def test_epoch_rows_at_gpu_tiles_equal_reference(gen, monkeypatch):
 @needs_triton
 def test_int32_inputs_strided_logits_and_no_grad(gen):
     n, c = 50, 33
-    logits0, labels, indices = _batch(gen, 64, c, n)
+    logits0, labels, indices = batch(gen, 64, c, n, pool=21, ignore=0.1, device=DEV)
     big = torch.randn(64, 2 * c, generator=gen).to(DEV)
     logits = big[:, 5:5 + c]                      # row stride 2C, column stride 1
     cols = big[:, ::2][:, :c]                     # column stride 2: copied first
@@ -321,7 +315,7 @@ def test_deferred_errors_and_stats_equal_reference_over_steps(gen):
     st1, st2 = SampleState(n, DEV), SampleState(n, DEV)
     cfg = LossConfig(strict=False, ema=0.5)
     for step, (bad_i, bad_l) in enumerate([(n + 3, 7), (-4, -9), (n, c)]):
-        logits, labels, indices = _batch(gen, 20, c, n)
+        logits, labels, indices = batch(gen, 20, c, n, pool=6, ignore=0.1, device=DEV)
         indices[[2, 11]] = bad_i
         labels[[4, 15]] = bad_l
         labels[5] = -100
@@ -336,7 +330,7 @@ def test_deferred_errors_and_stats_equal_reference_over_steps(gen):
 def test_strict_error_leaves_stats_and_errors_untouched(gen):
     n, c = 30, 6
     st = SampleState(n, DEV)
-    logits, labels, indices = _batch(gen, 20, c, n)
+    logits, labels, indices = batch(gen, 20, c, n, pool=6, ignore=0.1, device=DEV)
     _tb().step(logits, labels, indices, st, LossConfig(), 0)
     before = (st.stats.clone(), st.errors.clone(), st.seen.clone())
     labels[3] = c + 2
@@ -351,16 +345,19 @@ def test_kernels_read_the_state_layout_from_fastsel_layout():
     them by its names, never by a number; the merge's partials fit the launcher's
     workspace."""
     from fastsel.backends.triton import load_kernels
-    src = open(os.path.join(ROOT, "kernels", "step.py")).read()
-    assert not re.search(r"(stats|errors|rows)_ptr \+ \d", src)
+    for path in glob.glob(os.path.join(ROOT, "kernels", "*.py")):
+        assert not re.search(r"(stats|errors|rows)_ptr \+ \d", open(path).read()), path
     if HAS_TRITON:
-        ks = load_kernels("step")
-        for name in ("STAT_NONFINITE", "STAT_EPOCH_LOSS", "STAT_EPOCH_COUNT", "ERR_INDEX_COUNT",
-                     "ERR_INDEX_VALUE", "ERR_LABEL_COUNT", "ERR_LABEL_VALUE", "REDUCTION_MEAN",
-                     "ROW_TRAINED", "ROW_SHARD", "ROW_CALLS", "ROW_STRAY_COUNT",
-                     "ROW_STRAY_VALUE", "ROW_OVER_COUNT", "ROW_OVER_VALUE", "ROW_OVER_EPOCH"):
-            assert getattr(ks, name).value == getattr(layout, name), name
-        assert ks.P_STRIDE.value == load_kernels("configs").MERGE_PARTIALS
+        merge, admit = load_kernels("merge"), load_kernels("admit")
+        for mod, names in ((merge, ("STAT_NONFINITE", "STAT_EPOCH_LOSS", "STAT_EPOCH_COUNT",
+                                    "ERR_INDEX_COUNT", "ERR_INDEX_VALUE", "ERR_LABEL_COUNT",
+                                    "ERR_LABEL_VALUE", "REDUCTION_MEAN", "STATE_MAX")),
+                           (admit, ("ROW_TRAINED", "ROW_SHARD", "ROW_CALLS", "ROW_STRAY_COUNT",
+                                    "ROW_STRAY_VALUE", "ROW_OVER_COUNT", "ROW_OVER_VALUE",
+                                    "ROW_OVER_EPOCH"))):
+            for name in names:
+                assert getattr(mod, name).value == getattr(layout, name), name
+        assert merge.P_STRIDE.value == load_kernels("configs").MERGE_PARTIALS
 
 
 # ---- launch structure and scratch (the two-launch step, the four-launch selection) --------
@@ -371,13 +368,15 @@ def _tmod():
 
 
 class _Launches:
-    """Records every launch of the named kernels of a kernels module (``kernel[grid](...)``)
-    and whether a launch is under way (the interpreter issues torch ops of its own)."""
+    """Records every launch of the named kernels, each patched in the module that defines it
+    (``kernel[grid](...)``), and whether a launch is under way (the interpreter issues torch
+    ops of its own)."""
 
-    def __init__(self, monkeypatch, module, names):
+    def __init__(self, monkeypatch, names):
         self.log, self.inside, self.kernels = [], False, {}
-        mod = _tmod().load_kernels(module)
+        modules = _tmod().load_kernels("aot").KERNEL_MODULES
         for name in names:
+            mod = _tmod().load_kernels(modules[name])
             self.kernels[name] = getattr(mod, name)
             monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))
 
@@ -443,7 +442,7 @@ def test_step_is_two_launches_and_the_merge_a_grid_over_rows(gen, monkeypatch):
     tmod = _tmod()
     cf = tmod.load_kernels("configs")
     monkeypatch.setattr(tmod, "interpreting", lambda: False)
-    rec = _Launches(monkeypatch, "step", STEP_KERNELS)
+    rec = _Launches(monkeypatch, STEP_KERNELS)
     n, c = 700, 10
     st = SampleState(n, DEV)
     tmod.merge_scratch(st._seen, n)   # made (zeroed) once per state, on its first step
@@ -451,7 +450,7 @@ def test_step_is_two_launches_and_the_merge_a_grid_over_rows(gen, monkeypatch):
     rows.open(torch.arange(0, n, 2, device=DEV), 6, 10**6, 0)
     calls = 0
     for b in (1, 300, 1100):
-        logits, labels, indices = _batch(gen, b, c, n)
+        logits, labels, indices = batch(gen, b, c, n, pool=max(1, b // 3), ignore=0.1, device=DEV)
         br = cf.step_blocks(c)[0]
         for epoch_rows in (None, rows):
             args = state_args(st, 6, epoch_rows)   # outside: state_args makes the epoch tensor
@@ -491,7 +490,7 @@ def test_all_one_index_batch_of_4096_rows_and_scratch_left_zero(gen, monkeypatch
     zero after every call: update, update=False, observe, and a strict error."""
     monkeypatch.setattr(_tmod(), "interpreting", lambda: False)
     n, c, b = 9, 10, 4096
-    logits, labels, _ = _batch(gen, b, c, n)
+    logits, labels, _ = batch(gen, b, c, n, pool=max(1, b // 3), ignore=0.1, device=DEV)
     logits[7, 2] = float("nan")
     idx = torch.full((b,), 4, device=DEV)
     cfg = LossConfig(ema=0.3)
@@ -523,7 +522,7 @@ def test_radix_select_four_launches_multi_block_lookback(gen, monkeypatch):
     tmod = _tmod()
     cf = tmod.load_kernels("configs")
     monkeypatch.setattr(tmod, "interpreting", lambda: False)
-    rec = _Launches(monkeypatch, "select", SELECT_KERNELS)
+    rec = _Launches(monkeypatch, SELECT_KERNELS)
     n = 20011
     tiny = torch.finfo(torch.float32).tiny
     cases = [_tie_keys(gen, n, values=3),

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from ..validation.values import check_int
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -81,8 +83,7 @@ def synthetic(n_train: int = 5000, n_test: int = 1000, classes: int = 10, size: 
         raise ValueError(f"imbalance must be in (0, 1], got imbalance={imbalance}")
     if not 0.0 <= redundancy < 1.0:
         raise ValueError(f"redundancy must be in [0, 1), got redundancy={redundancy}")
-    if isinstance(sources, bool) or not isinstance(sources, int) or sources < 1:
-        raise ValueError(f"sources must be an int >= 1 (easy images per class), got sources={sources!r}")
+    check_int("sources", sources, lo=1, what="an int (easy images per class)")
     if not 0.0 <= copy_noise < float("inf"):
         raise ValueError(f"copy_noise must be a finite standard deviation >= 0, got copy_noise={copy_noise}")
     if classes < 2 or n_train < classes or n_test < 1:

@@ -18,6 +18,7 @@ from ..indexed import with_indices
 from ..policies.rho import IrreducibleFit, fit_irreducible
 from ..sampler import Sampler
 from ..schedule import BudgetLR
+from ..validation.values import check_int
 
 
 def conv_bn(cin: int, cout: int) -> List[nn.Module]:
@@ -168,10 +169,7 @@ def rho_plan(spec: RunSpec, n: int) -> RhoPlan:
     train_idx, hold_idx = holdout_split(n, spec.holdout, spec.seed)
     n_hold, n_train = len(hold_idx), len(train_idx)
     if spec.holdout_epochs is not None:
-        if isinstance(spec.holdout_epochs, bool) or not isinstance(spec.holdout_epochs, int) \
-                or spec.holdout_epochs < 1:
-            raise ValueError(f"holdout_epochs must be an int >= 1, got {spec.holdout_epochs!r}")
-        epochs = spec.holdout_epochs
+        epochs = check_int("holdout_epochs", spec.holdout_epochs, lo=1)
     else:
         epochs = spec.epochs
     hold_passes, eval_passes = epochs * n_hold, n_train

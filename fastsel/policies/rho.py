@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .. import rng
-from ..validation.values import round_half_up
+from ..validation.values import check_int, check_real, round_half_up
 from .base import Policy, Selection, SelectionContext
 
 
@@ -94,9 +94,7 @@ class RHO(Policy):
     def __init__(self, irreducible: Optional[torch.Tensor] = None, explore: float = 0.1,
                  keep: float = 1.0) -> None:
         super().__init__(keep)
-        if isinstance(explore, bool) or not isinstance(explore, (int, float)) or not 0.0 <= float(explore) <= 1.0:
-            raise ValueError(f"explore must be a number in [0, 1], got explore={explore!r}")
-        self.explore = float(explore)
+        self.explore = check_real("explore", explore, 0.0, 1.0, what="a number")
         if irreducible is None:
             warnings.warn("fastsel: policy='rho' without irreducible=: every irreducible loss is 0, so the key "
                           "is the training loss alone (no holdout model); pass irreducible="
@@ -203,8 +201,7 @@ def fit_irreducible(model_fn: Callable[[], nn.Module], holdout: Any, train: Any,
     if isinstance(model_fn, nn.Module) or not callable(model_fn):
         raise TypeError("model_fn must be a function that builds a fresh model (e.g. lambda: "
                         f"SmallCNN()), got {type(model_fn).__name__}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got epochs={epochs!r}")
+    check_int("epochs", epochs, lo=1)
     if len(holdout) < 1 or len(train) < 1:
         raise ValueError(f"holdout and train must be non-empty, got {len(holdout)} and {len(train)} samples")
     dev = torch.device(device)
