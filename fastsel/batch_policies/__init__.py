@@ -9,6 +9,7 @@ from .base import BatchPolicy, batch_topk, spearman
 from .osgd import KAWAGUCHI_SCHEDULE, OrderedSGD
 from .sb import SelectiveBackprop
 from .sift import SIFT
+from .step_api import StepView
 
 BATCH_POLICIES: Dict[str, Type[BatchPolicy]] = {
     cls.name: cls for cls in (SelectiveBackprop, OrderedSGD, SIFT)
@@ -21,4 +22,4 @@ def make_batch_policy(policy: Union[str, BatchPolicy], **kwargs: Any) -> BatchPo
                  " (batch level; epoch-level policies go to fastsel.Sampler)")
 
 __all__ = ["BATCH_POLICIES", "BatchPolicy", "make_batch_policy", "SelectiveBackprop",
-           "OrderedSGD", "SIFT", "KAWAGUCHI_SCHEDULE", "batch_topk", "spearman"]
+           "OrderedSGD", "SIFT", "KAWAGUCHI_SCHEDULE", "batch_topk", "spearman", "StepView"]

@@ -7,17 +7,20 @@ batch) of the rows that get the full forward and backward pass.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
-from ..validation.fields import check_policy_state
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..selective import SelectiveStep
+from ..validation.fields import check_policy_state, refuse
+from ..validation.values import check_real
+from .step_api import StepView, Trained
 
 #: ``(values, k) -> positions of the k largest values``; a GPU kernel may be plugged in.
 TopK = Callable[[torch.Tensor, int], torch.Tensor]
+#: Fields of SelectiveStep's state_dict that the policy owns, stored beside ``policy`` at
+#: the top level (where format 1 has always kept them): SB's pending rows, StaleSB's
+#: last losses.
+STEP_FIELDS = ("last_loss", "known", "pending")
 
 
 def batch_topk(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,20 +60,14 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_keep(keep: Any) -> float:
     """A share in (0, 1] or a clear error."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep) \
-            or not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be a share in (0, 1], got keep={keep!r}")
-    return float(keep)
+    return check_real("keep", keep, 0, 1, lo_open=True, what="a share")  # type: ignore[return-value]
 
 
 def check_scale_factor(scale_factor: Any) -> float:
     """The selection forward's downsampling factor: a number in (0, 1], or a clear error."""
-    if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) \
-            or not math.isfinite(scale_factor) or not 0.0 < scale_factor <= 1.0:
-        raise ValueError(f"scale_factor must be a number in (0, 1] (the selection forward's "
-                         f"downsampling of the images; 1.0 is full resolution), got "
-                         f"scale_factor={scale_factor!r}")
-    return float(scale_factor)
+    return check_real("scale_factor", scale_factor, 0, 1, lo_open=True,  # type: ignore[return-value]
+                      what="a number", fix="the selection forward's downsampling of the "
+                                           "images; 1.0 is full resolution")
 
 
 def downsample(x: Any, scale_factor: float) -> Any:
@@ -97,35 +94,60 @@ def downsample(x: Any, scale_factor: float) -> Any:
 
 
 class BatchPolicy:
-    """Base class: subclasses set ``name`` and implement ``choose``.
+    """Base class: subclasses set ``name`` and implement ``choose``. The step a policy is
+    attached to is a :class:`~fastsel.batch_policies.StepView`: what it may use of it.
 
     ``fixed_batch``: chosen rows are pooled into backward batches of a constant size
-    (Selective Backprop) instead of one backward batch per input batch.
+    (Selective Backprop, whose ``train_chosen`` pools them) instead of one backward batch
+    per input batch.
     """
 
     name = "batch-policy"
     fixed_batch = False
-    #: the step keeps each sample's last loss (StaleSB needs it)
+    #: the policy keeps each sample's last loss (StaleSB: ``record_losses`` fills it)
     needs_last_loss = False
 
-    def attach(self, step: "SelectiveStep") -> None:
+    def attach(self, step: StepView) -> None:
         """Called once by ``SelectiveStep``: check the model, register hooks."""
 
     def detach(self) -> None:
         """Remove whatever ``attach`` registered."""
 
-    def choose(self, step: "SelectiveStep", x: torch.Tensor, y: torch.Tensor,
+    def choose(self, step: StepView, x: torch.Tensor, y: torch.Tensor,
                idx: Optional[torch.Tensor]) -> torch.Tensor:
         """Positions (int64, on the batch's device) of the rows to backprop."""
         raise NotImplementedError
 
-    def after_train(self, step: "SelectiveStep", x: torch.Tensor, y: torch.Tensor,
+    def after_train(self, step: StepView, x: torch.Tensor, y: torch.Tensor,
                     idx: Optional[torch.Tensor], chosen: torch.Tensor,
                     train_losses: torch.Tensor) -> None:
         """Called after the backward batch of an input batch was trained (not for pooled
         batches): ``train_losses`` are the true per-sample losses of ``chosen``."""
 
-    def end_epoch(self, step: "SelectiveStep", accuracy: Optional[float]) -> None:
+    def train_chosen(self, step: StepView, x: torch.Tensor, y: torch.Tensor,
+                     idx: Optional[torch.Tensor], chosen: torch.Tensor) -> Trained:
+        """Train the rows ``chosen`` (sorted positions) of an input batch: here one backward
+        batch of them (none if none was chosen), then ``after_train``."""
+        if not chosen.numel():
+            return []
+        ib = None if idx is None else idx[chosen]
+        loss, per = step.train_rows(x[chosen], y[chosen], ib)
+        self.after_train(step, x, y, idx, chosen, per)
+        return [(loss, ib)]
+
+    def record_losses(self, idx: Optional[torch.Tensor], losses: torch.Tensor) -> None:
+        """Called with the per-sample losses of every selection and training forward."""
+
+    def flush(self, step: StepView) -> Optional[torch.Tensor]:
+        """Train the rows still pending as one backward batch; its loss (None: none)."""
+        return None
+
+    @property
+    def pending(self) -> int:
+        """Chosen rows not trained yet (waiting for a full backward batch)."""
+        return 0
+
+    def end_epoch(self, step: StepView, accuracy: Optional[float]) -> None:
         """Called once per epoch boundary with the epoch's selection-forward accuracy."""
 
     def summary(self) -> Dict[str, Any]:
@@ -146,3 +168,18 @@ class BatchPolicy:
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         """Check ``sd`` first (``check_state_dict``), then restore it."""
         self.check_state_dict(sd)
+
+    def step_fields(self) -> Dict[str, Any]:
+        """The policy's ``STEP_FIELDS`` of the step's state_dict (None: it keeps none)."""
+        return dict.fromkeys(STEP_FIELDS)
+
+    def check_step_fields(self, sd: Mapping[str, Any]) -> None:
+        """Raise a ValueError naming the field unless the ``STEP_FIELDS`` of the step's
+        state_dict ``sd`` fit this policy (absent or None here); changes nothing."""
+        for key in STEP_FIELDS:
+            if sd.get(key) is not None:
+                raise refuse(key, f"must be None: policy {self.name!r} keeps no such state")
+
+    def load_step_fields(self, sd: Mapping[str, Any], device: Optional[torch.device]) -> None:
+        """Check them first (``check_step_fields``), then hold copies on ``device``."""
+        self.check_step_fields(sd)

@@ -3,16 +3,14 @@ Empirical Risk Minimization", AISTATS 2020; as used in Arazo et al., seed 002)."
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ..validation.fields import check_fields, check_real
 from ..validation.values import round_half_up
 from .base import BatchPolicy, check_keep
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..selective import SelectiveStep
+from .step_api import StepView
 
 #: The authors' default schedule, from their public code (github.com/k9k2/qSGD, main.py;
 #: not stated in Arazo et al., who only say q ends at 1/16 of the batch): with s = 64 the
@@ -87,13 +85,13 @@ class OrderedSGD(BatchPolicy):
                 f = s
         return f
 
-    def end_epoch(self, step: "SelectiveStep", accuracy: Optional[float]) -> None:
+    def end_epoch(self, step: StepView, accuracy: Optional[float]) -> None:
         if accuracy is None:
             return
         self.last_accuracy = accuracy
         self.factor = min(self.factor, self.factor_for(accuracy))
 
-    def choose(self, step: "SelectiveStep", x: torch.Tensor, y: torch.Tensor,
+    def choose(self, step: StepView, x: torch.Tensor, y: torch.Tensor,
                idx: Optional[torch.Tensor]) -> torch.Tensor:
         losses = step.selection_forward(x, y, idx)
         t0 = step.clock()

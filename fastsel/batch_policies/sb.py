@@ -2,18 +2,18 @@
 Biggest Losers"; as used in Arazo et al., seed 002, eq. 4) and its stale variant."""
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from .. import rng
+from ..validation import values
 from ..validation.fields import check_fields, check_int, check_real, check_tensor, refuse
 from ..validation.values import round_half_up
 from .base import BatchPolicy, batch_topk, check_keep, check_scale_factor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..selective import SelectiveStep
+from .last_losses import LastLosses, check_last_losses
+from .pending_rows import PendingRows, check_pending
+from .step_api import StepView, Trained
 
 _STREAM_SB = 11
 #: ``share``: a deterministic count per batch (exact over an epoch), or SB's per-row coin.
@@ -218,8 +218,7 @@ class SelectiveBackprop(BatchPolicy):
                  history: int = 1024, stale: Optional[int] = None, leftover: str = "carry",
                  share: str = "exact", scale_factor: float = 1.0) -> None:
         if b is not None:
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 0:
-                raise ValueError(f"b must be a finite number >= 0 (the selectivity), got b={b!r}")
+            values.check_real("b", b, lo=0, fix="b is the selectivity")
             if keep is not None:
                 raise ValueError(f"give keep= or b= for Selective Backprop, not both "
                                  f"(keep={keep!r}, b={b!r}; keep = 1 / (b + 1))")
@@ -227,12 +226,10 @@ class SelectiveBackprop(BatchPolicy):
         else:
             k = check_keep(0.5 if keep is None else keep)
             self.b = 1.0 / k - 1.0
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ValueError(f"history must be a positive int (R, the losses the CDF is taken "
-                             f"over), got history={history!r}")
-        if stale is not None and (isinstance(stale, bool) or not isinstance(stale, int) or stale < 1):
-            raise ValueError(f"stale must be None or an int n >= 1 (a selection forward every n "
-                             f"epochs), got stale={stale!r}")
+        values.check_int("history", history, lo=1, fix="R, how many recent losses the CDF is "
+                                                       "taken over")
+        stale = values.check_int("stale", stale, lo=1, allow_none=True, what="None or an int n",
+                                 fix="a selection forward every n epochs")
         if leftover not in ("carry", "flush"):
             raise ValueError(f"leftover must be 'carry' or 'flush', got leftover={leftover!r}")
         if share not in SHARES:
@@ -247,6 +244,9 @@ class SelectiveBackprop(BatchPolicy):
         self.key = 0
         self.stale_batches = 0
         self.carry = 0.0        # the exact share's fractional remainder, in [-0.5, 0.5)
+        self.pool = PendingRows()                      # kept rows awaiting a backward batch
+        self.last_loss: Optional[LastLosses] = None    # StaleSB's store, made by attach
+        self.num_samples: Optional[int] = None
 
     @property
     def keep(self) -> float:
@@ -254,12 +254,14 @@ class SelectiveBackprop(BatchPolicy):
         share of ``share="expected"`` on a stationary loss distribution."""
         return 1.0 / (self.b + 1.0)
 
-    def attach(self, step: "SelectiveStep") -> None:
+    def attach(self, step: StepView) -> None:
         self.key = rng.mix32_int((int(step.seed) * 0x9E3779B1 + 0x5B) & rng.MASK32)
+        self.num_samples = step.num_samples
         if self.stale is not None:
             if step.num_samples is None:
                 raise ValueError("stale Selective Backprop needs num_samples= (N, to keep each "
                                  "sample's last loss) on SelectiveStep")
+            self.last_loss = LastLosses(step.num_samples)
 
     # ---- the formula ------------------------------------------------------------------
     def probability(self, losses: torch.Tensor) -> torch.Tensor:
@@ -310,10 +312,10 @@ class SelectiveBackprop(BatchPolicy):
     def is_stale_epoch(self, epoch: int) -> bool:
         return self.stale is not None and epoch % self.stale != 0
 
-    def choose(self, step: "SelectiveStep", x: torch.Tensor, y: torch.Tensor,
+    def choose(self, step: StepView, x: torch.Tensor, y: torch.Tensor,
                idx: Optional[torch.Tensor]) -> torch.Tensor:
         if self.is_stale_epoch(step.epoch):
-            losses, known = step.last_losses(idx)
+            losses, known = self.last_loss.lookup(idx)  # type: ignore[union-attr]
             step.skip_observation(idx)
             self.stale_batches += 1
             t0 = step.clock()
@@ -325,9 +327,32 @@ class SelectiveBackprop(BatchPolicy):
         step.add_selection_time(t0)
         return pos
 
+    def record_losses(self, idx: Optional[torch.Tensor], losses: torch.Tensor) -> None:
+        if self.last_loss is not None and idx is not None:
+            self.last_loss.record(idx, losses)
+
     @property
     def needs_last_loss(self) -> bool:
         return self.stale is not None
+
+    # ---- the pending rows: constant-size backward batches ------------------------------------
+    def train_chosen(self, step: StepView, x: torch.Tensor, y: torch.Tensor,
+                     idx: Optional[torch.Tensor], chosen: torch.Tensor) -> Trained:
+        """Pool the chosen rows; train as many full backward batches as every rank has."""
+        if chosen.numel():
+            self.pool.add(x[chosen], y[chosen], None if idx is None else idx[chosen])
+        return self.pool.train_batches(step)
+
+    def flush(self, step: StepView) -> Optional[torch.Tensor]:
+        return self.pool.train_rest(step)
+
+    @property
+    def pending(self) -> int:
+        return self.pool.rows
+
+    def end_epoch(self, step: StepView, accuracy: Optional[float]) -> None:
+        if self.leftover == "flush":
+            self.flush(step)
 
     def summary(self) -> Dict[str, Any]:
         return {"b": self.b, "history": self.history.size, "stale": self.stale,
@@ -358,3 +383,18 @@ class SelectiveBackprop(BatchPolicy):
         self.draws = int(sd["draws"])
         self.stale_batches = int(sd["stale_batches"])
         self.carry = float(sd["carry"])
+
+    def step_fields(self) -> Dict[str, Any]:
+        last = self.last_loss.state() if self.last_loss is not None else \
+            dict.fromkeys(("last_loss", "known"))
+        return {**last, "pending": self.pool.state()}
+
+    def check_step_fields(self, sd: Mapping[str, Any]) -> None:
+        check_last_losses(sd, None if self.last_loss is None else self.last_loss.n)
+        check_pending(sd.get("pending"), self.num_samples)
+
+    def load_step_fields(self, sd: Mapping[str, Any], device: Optional[torch.device]) -> None:
+        self.check_step_fields(sd)
+        self.pool.load_state(sd.get("pending"), self.num_samples, device)
+        if self.last_loss is not None:
+            self.last_loss.load_state(sd, device)

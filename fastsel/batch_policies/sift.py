@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..validation import values
 from ..validation.fields import check_fields, check_int, check_real, refuse
 from ..validation.values import round_half_up
 from .base import BatchPolicy, check_keep, spearman
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..selective import SelectiveStep
+from .step_api import StepView
 
 
 class _StopForward(Exception):
@@ -87,19 +86,16 @@ class SIFT(BatchPolicy):
             raise ValueError(f"SIFT needs module=, the name of an intermediate module in "
                              f"model.named_modules(), got module={module!r}")
         self.keep = check_keep(0.5 if keep is None else keep)
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        num_classes = values.check_int("num_classes", num_classes, lo=1, allow_none=True,
+                                       what="None or an int")
         if isinstance(pool, str):
             if pool not in _POOLS:
                 raise ValueError(f"pool must be one of {sorted(_POOLS)} or a callable, got {pool!r}")
             pool = _POOLS[pool]
         elif not callable(pool):
             raise ValueError(f"pool must be one of {sorted(_POOLS)} or a callable, got {pool!r}")
-        if not (isinstance(exit_lr, (int, float)) and not isinstance(exit_lr, bool) and exit_lr > 0):
-            raise ValueError(f"exit_lr must be a positive number, got exit_lr={exit_lr!r}")
-        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 0:
-            raise ValueError(f"probe_every must be an int >= 0, got probe_every={probe_every!r}")
+        values.check_real("exit_lr", exit_lr, lo=0, lo_open=True)
+        probe_every = values.check_int("probe_every", probe_every, lo=0)  # type: ignore[assignment]
         self.module_name = module
         self.num_classes = num_classes
         self.pool = pool
@@ -120,7 +116,7 @@ class SIFT(BatchPolicy):
         self.correlations: list = []
 
     # ---- the hook ---------------------------------------------------------------------
-    def attach(self, step: "SelectiveStep") -> None:
+    def attach(self, step: StepView) -> None:
         mods = dict(step.model.named_modules())
         if self.module_name not in mods or not self.module_name:
             raise ValueError(f"module={self.module_name!r} is not in model.named_modules(); "
@@ -139,7 +135,7 @@ class SIFT(BatchPolicy):
             if self._stop:
                 raise _StopForward()
 
-    def _exit_features(self, step: "SelectiveStep", x: torch.Tensor,
+    def _exit_features(self, step: StepView, x: torch.Tensor,
                        stop: bool) -> Optional[torch.Tensor]:
         """Run the model up to the exit (or to the end) without gradients; returns the
         logits when the forward ran to the end."""
@@ -173,7 +169,7 @@ class SIFT(BatchPolicy):
         self.head, self.head_opt = self._new_head(d, c, device)
 
     # ---- the step ---------------------------------------------------------------------
-    def approximate(self, step: "SelectiveStep", x: torch.Tensor, y: torch.Tensor,
+    def approximate(self, step: StepView, x: torch.Tensor, y: torch.Tensor,
                     update: bool = True) -> torch.Tensor:
         """The exit's per-sample losses (its logits go to ``self.exit_logits``), computed
         before the head learns from this batch; ``update`` then trains the head one step.
@@ -199,7 +195,7 @@ class SIFT(BatchPolicy):
         self.exit_logits = out.detach()
         return per.detach()
 
-    def choose(self, step: "SelectiveStep", x: torch.Tensor, y: torch.Tensor,
+    def choose(self, step: StepView, x: torch.Tensor, y: torch.Tensor,
                idx: Optional[torch.Tensor]) -> torch.Tensor:
         t0 = time.perf_counter()
         step.sync_for_timing()
@@ -227,7 +223,7 @@ class SIFT(BatchPolicy):
                 self.correlations.append(spearman(approx[active], true[active]))
         return pos
 
-    def after_train(self, step: "SelectiveStep", x: torch.Tensor, y: torch.Tensor,
+    def after_train(self, step: StepView, x: torch.Tensor, y: torch.Tensor,
                     idx: Optional[torch.Tensor], chosen: torch.Tensor,
                     train_losses: torch.Tensor) -> None:
         self.steps += 1

@@ -48,11 +48,18 @@ def check_keys(sd: Mapping, allowed: Sequence[str], where: str) -> None:
                      f"is not a field of this state_dict (fields: {', '.join(allowed) or 'none'})")
 
 
-def check_fields(sd: Any, keys: Sequence[str], where: str) -> None:
-    """``sd`` is a dict with exactly the fields ``keys`` (each present, none other)."""
+def check_dict(sd: Any, allowed: Sequence[str], where: str) -> Mapping:
+    """``sd`` is a dict whose fields are all among ``allowed``; any may be absent (an
+    older version wrote fewer)."""
     if not isinstance(sd, Mapping):
         raise refuse(where, f"must be a dict, got {type(sd).__name__}")
-    check_keys(sd, keys, where)
+    check_keys(sd, allowed, where)
+    return sd
+
+
+def check_fields(sd: Any, keys: Sequence[str], where: str) -> None:
+    """``sd`` is a dict with exactly the fields ``keys`` (each present, none other)."""
+    check_dict(sd, keys, where)
     for key in keys:
         require(sd, key, where)
 
@@ -91,6 +98,20 @@ def check_tensor(name: str, t: Any, dtype: torch.dtype, shape: Sequence[int]) ->
         got = (f"{t.dtype} {tuple(t.shape)}" + ("" if t.layout == torch.strided else f" {t.layout}")
                if isinstance(t, torch.Tensor) else f"{type(t).__name__}")
         raise refuse(name, f"must be a {dtype} tensor of shape {shape}, got {got}")
+    return t
+
+
+def check_rows(name: str, t: Any, dtypes: Sequence[torch.dtype] = (),
+               vector: bool = False) -> torch.Tensor:
+    """A dense tensor of rows (at least one dimension; exactly one if ``vector``), of one
+    of ``dtypes`` if any are given."""
+    ok = isinstance(t, torch.Tensor) and t.layout == torch.strided \
+        and (t.dim() == 1 if vector else t.dim() >= 1) and (not dtypes or t.dtype in dtypes)
+    if not ok:
+        kind = "/".join(str(d).replace("torch.", "") for d in dtypes) + " " if dtypes else ""
+        what = f"a 1-D {kind}tensor" if vector else f"a {kind}tensor of rows"
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise refuse(name, f"must be {what}, got {got}")
     return t
 
 

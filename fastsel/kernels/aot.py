@@ -67,14 +67,17 @@ SIGNATURES: Dict[str, List[tuple]] = {
     "batch_topk_kernel": [("keys_ptr", _F32), ("B", "i32"), ("k", "i32"), ("out_ptr", _I64)],
     "uniform_kernel": [("idx_ptr", _I64), ("out_ptr", _F32), ("n", "i32"), ("base", "i64")],
 }
-_MODULE = {"ce_step_kernel": "step", "merge_update_kernel": "step", "observe_rows_kernel": "step",
-           "scale_grad_kernel": "step",
-           "uniform_kernel": "noise"}
+#: The ``fastsel.kernels`` module that defines each kernel.
+KERNEL_MODULES: Dict[str, str] = {
+    "ce_step_kernel": "cross_entropy", "observe_rows_kernel": "observe",
+    "merge_update_kernel": "merge", "scale_grad_kernel": "scale_grad",
+    "radix_first_kernel": "select", "radix_filter_kernel": "select", "radix_cand_kernel": "select",
+    "select_compact_kernel": "select", "batch_topk_kernel": "select", "uniform_kernel": "noise"}
 
 
 def _kernel(name: str):
     from fastsel.backends.triton import load_kernels
-    return getattr(load_kernels(_MODULE.get(name, "select")), name)
+    return getattr(load_kernels(KERNEL_MODULES[name]), name)
 
 
 def _ptxas(arch: int) -> Optional[str]:

@@ -16,7 +16,7 @@ STEP_MAX_ROWS = 64
 #: Merge + update launch: rows per program (one lane per row, a grid over the rows), the
 #: tile of the last program's sum over the per-program partials, warps.
 MERGE_BLOCK, MERGE_PBLOCK, MERGE_WARPS = 256, 128, 4
-#: float64 partials per program of the merge launch (``kernels/step.py`` P_STRIDE).
+#: float64 partials per program of the merge launch (``kernels/merge.py`` P_STRIDE).
 MERGE_PARTIALS = 11
 #: Radix threshold select: keys per program of the passes over the keys and of the
 #: compaction, warps; programs of the pass over the candidates (a grid-stride loop, since

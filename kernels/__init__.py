@@ -1,7 +1,0 @@
-"""fastsel.kernels: Triton kernels for the fused step and the selection pass.
-
-Installed as ``fastsel.kernels`` (setuptools ``package_dir``). ``configs`` holds the block
-sizes the launcher may choose (no Triton import); ``step``, ``select`` and ``noise`` hold
-the ``@triton.jit`` kernels; ``aot`` compiles them ahead of time for sm_80/sm_90 and reads
-their resource usage. Importing this package does not import Triton.
-"""
