@@ -1,4 +1,4 @@
-"""fastsel's build: the Python package, ``kernels/`` installed as ``fastsel.kernels``, and
+"""fastsel's build: the Python package (its Triton kernels in ``fastsel/kernels/``), and
 the optional C++/CUDA extension ``fastsel._C`` from ``csrc/``.
 
 torch is needed at build time only for the extension; it is never declared as a dependency
@@ -14,7 +14,8 @@ What gets built (``fastsel.list_backends()`` says at run time what loaded):
   (e.g. ``"8.0;9.0"``), read by torch's ``BuildExtension``.
 
 Before the extension is built, ``csrc/layout.h`` is regenerated from ``fastsel/layout.py``
-(the one definition of the state's layout).
+(the one definition of the state's layout) and ``csrc/faults.h`` from
+``fastsel/validation/faults.py`` (the one table of the ops' argument faults).
 
 Switches: ``FASTSEL_SKIP_EXT_BUILD=1`` builds no extension (pure Python, reference backend
 only); ``FASTSEL_SKIP_CUDA_BUILD=1`` builds the CPU extension only; ``FORCE_CUDA=1``
@@ -28,16 +29,16 @@ import sys
 from setuptools import setup
 
 PACKAGES = ["fastsel", "fastsel.backends", "fastsel.policies", "fastsel.batch_policies",
-            "fastsel.experiments", "fastsel.kernels"]
+            "fastsel.experiments", "fastsel.kernels", "fastsel.validation"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def write_layout_header():
-    """Regenerate ``csrc/layout.h`` from ``fastsel/layout.py`` (the one definition of the
-    state's layout; plain Python, so it runs before torch or fastsel is importable). The
-    file is rewritten only when its text changes, so an unchanged layout rebuilds nothing."""
-    header = runpy.run_path(os.path.join(ROOT, "fastsel", "layout.py"))["header"]()
-    path = os.path.join(ROOT, "csrc", "layout.h")
+def _write_header(module, name):
+    """Regenerate ``csrc/<name>`` from ``module``'s ``header()`` (plain Python, so it runs
+    before torch or fastsel is importable). The file is rewritten only when its text
+    changes, so an unchanged definition rebuilds nothing."""
+    header = runpy.run_path(os.path.join(ROOT, *module))["header"]()
+    path = os.path.join(ROOT, "csrc", name)
     try:
         with open(path) as f:
             if f.read() == header:
@@ -46,6 +47,17 @@ def write_layout_header():
         pass
     with open(path, "w") as f:
         f.write(header)
+
+
+def write_layout_header():
+    """``csrc/layout.h`` from ``fastsel/layout.py``, the one definition of the state's layout."""
+    _write_header(("fastsel", "layout.py"), "layout.h")
+
+
+def write_faults_header():
+    """``csrc/faults.h`` from ``fastsel/validation/faults.py``, the one table of the ops'
+    argument faults (exception type and message template)."""
+    _write_header(("fastsel", "validation", "faults.py"), "faults.h")
 
 
 def _flag(name):
@@ -79,6 +91,7 @@ def extensions():
     if not cpu_sources or _flag("FASTSEL_SKIP_EXT_BUILD"):
         return [], {}
     write_layout_header()
+    write_faults_header()
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -117,7 +130,6 @@ ext_modules, cmdclass = extensions()
 
 setup(
     packages=PACKAGES,
-    package_dir={"fastsel.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -26,7 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const std::optional<at::Tensor>& epoch) {
         fastsel::check_state(loss, loss_var, p_true, seen, last_epoch, weight, stats, errors);
         if (epoch.has_value())
-          fastsel::rows_view(member, rows, *epoch, loss.size(0) - 1, loss.device(), "fastsel state");
+          fastsel::rows_view(member, rows, *epoch, loss.size(0) - 1, loss.device(), "state_loss");
       },
       "checks a state's tensors once (dtype, shape N + 1, contiguity, one device) and, given with them "
       "(fastsel.backends.base.state_args), the epoch's member, rows and epoch; raises naming the tensor, its "

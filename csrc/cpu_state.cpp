@@ -150,8 +150,10 @@ std::tuple<at::Tensor, at::Tensor> observe_cpu(
     const std::optional<at::Tensor>& member, const std::optional<at::Tensor>& rows, const at::Tensor& epoch_t,
     double ema, int64_t reduction, bool strict, bool update) {
   const char* where = "fastsel::observe_csrc";
+  const int64_t b = check_observe_call(losses, probs, indices, state_loss, state_loss_var, state_p_true, state_seen,
+                                       state_last_epoch, state_weight, stats, errors, member, rows, epoch_t, ema,
+                                       reduction);
   const int64_t epoch = host_epoch(epoch_t, losses.device(), where);
-  const int64_t b = check_observe_args(losses, probs, indices, ema, reduction, epoch, c10::DeviceType::CPU, where);
   const StateView s = state_view(state_loss, state_loss_var, state_p_true, state_seen, state_last_epoch,
                                  state_weight, stats, errors, losses.device(), where);
   const int64_t n = s.n;

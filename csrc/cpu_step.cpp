@@ -540,9 +540,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cpu(
     const std::optional<at::Tensor>& class_weight, int64_t ignore_index, double label_smoothing, double ema,
     int64_t reduction, bool strict, bool update, bool need_grad) {
   const char* where = "fastsel::ce_step_csrc";
+  const StepDims dims = check_ce_step_call(logits, target, indices, state_loss, state_loss_var, state_p_true,
+                                           state_seen, state_last_epoch, state_weight, stats, errors, member,
+                                           row_counts, epoch_t, class_weight, label_smoothing, ema, reduction);
   const int64_t epoch = host_epoch(epoch_t, logits.device(), where);
-  const StepDims dims = check_step_args(logits, target, indices, class_weight, label_smoothing, ema, reduction,
-                                        epoch, c10::DeviceType::CPU, where);
   const StateView st = state_view(state_loss, state_loss_var, state_p_true, state_seen, state_last_epoch,
                                   state_weight, stats, errors, logits.device(), where);
   const int64_t n = st.n, b = dims.b, c = dims.c, d = dims.d;

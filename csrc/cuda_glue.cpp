@@ -104,8 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_step_cuda(
     int64_t ignore_index, double label_smoothing, double ema, int64_t reduction, bool strict, bool update,
     bool need_grad) {
   const char* where = "fastsel::ce_step_csrc (CUDA)";
-  const StepDims dims = check_step_args(logits, target, indices, class_weight, label_smoothing, ema, reduction,
-                                        /*epoch: read on the device=*/0, c10::DeviceType::CUDA, where);
+  const StepDims dims = check_ce_step_call(logits, target, indices, state_loss, state_loss_var, state_p_true,
+                                           state_seen, state_last_epoch, state_weight, stats, errors, member, rows,
+                                           epoch, class_weight, label_smoothing, ema, reduction);
   TORCH_CHECK(!dims.soft && logits.dim() == 2, where,
               ": the CUDA kernel takes class-index targets with 2-D logits [batch, classes]; got logits of shape ",
               logits.sizes(), " and a ", dims.soft ? "class-probability" : "class-index", " target of shape ",

@@ -75,24 +75,35 @@ inline at::Tensor cpu_scalar(float v) {
 // ---- argument checks (checks.cpp) ---------------------------------------------------------------
 
 // The step's shapes: batch, classes, positions per sample (d1 * ... * dk, 1 for 2-D logits),
-// and whether the target holds class probabilities.
+// whether the target holds class probabilities, and the state's N.
 struct StepDims {
   int64_t b, c, d;
   bool soft;
+  int64_t n;
 };
 
-// Per-call checks of the step's arguments (metadata only: no value is read). `device_type`
-// is where the kernel runs; `where` names the op in the messages. `epoch`: the epoch's value
-// where the host holds it (the CPU kernels read their 0-d epoch tensor, host_epoch), checked
-// to fit last_epoch's int32; a kernel that reads the epoch on its device passes 0.
-StepDims check_step_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& indices,
-                         const std::optional<at::Tensor>& class_weight, double label_smoothing, double ema,
-                         int64_t reduction, int64_t epoch, c10::DeviceType device_type, const char* where);
+// Every metadata fault of a direct call (fastsel/validation/faults.py, via faults.h: the
+// reference and triton ops raise the same exception with the same message, checking in the
+// same order): the inputs, the settings, the state's tensors, member, rows and the 0-d epoch,
+// all on the inputs' device. No value is read, but a CPU epoch's (it must fit last_epoch's
+// int32), so no device sync.
+StepDims check_ce_step_call(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& indices,
+                            const at::Tensor& state_loss, const at::Tensor& state_loss_var,
+                            const at::Tensor& state_p_true, const at::Tensor& state_seen,
+                            const at::Tensor& state_last_epoch, const at::Tensor& state_weight,
+                            const at::Tensor& stats, const at::Tensor& errors,
+                            const std::optional<at::Tensor>& member, const std::optional<at::Tensor>& rows,
+                            const at::Tensor& epoch, const std::optional<at::Tensor>& class_weight,
+                            double label_smoothing, double ema, int64_t reduction);
 
-// Per-call checks of observe's arguments; returns the batch size.
-int64_t check_observe_args(const at::Tensor& losses, const std::optional<at::Tensor>& probs,
-                           const at::Tensor& indices, double ema, int64_t reduction, int64_t epoch,
-                           c10::DeviceType device_type, const char* where);
+// The same for observe; returns the batch size.
+int64_t check_observe_call(const at::Tensor& losses, const std::optional<at::Tensor>& probs,
+                           const at::Tensor& indices, const at::Tensor& state_loss,
+                           const at::Tensor& state_loss_var, const at::Tensor& state_p_true,
+                           const at::Tensor& state_seen, const at::Tensor& state_last_epoch,
+                           const at::Tensor& state_weight, const at::Tensor& stats, const at::Tensor& errors,
+                           const std::optional<at::Tensor>& member, const std::optional<at::Tensor>& rows,
+                           const at::Tensor& epoch, double ema, int64_t reduction);
 
 // The full check of a state's tensors (dtype, shape, contiguity, one device), with messages
 // that name the buffer, its value and the fix. fastsel calls it (as fastsel._C.check_state)
@@ -114,9 +125,8 @@ struct StateView {
   int64_t n;
 };
 
-// The view an op works on. Not a validation (check_state is, once per state): a guard of a
-// few field comparisons so that a state that does not fit can never be written out of
-// bounds; on a mismatch it raises check_state's message (or the device mismatch).
+// The view an op works on, after its call check: a guard of a few field comparisons so that
+// a state that does not fit can never be written out of bounds.
 StateView state_view(const at::Tensor& loss, const at::Tensor& loss_var, const at::Tensor& p_true,
                      const at::Tensor& seen, const at::Tensor& last_epoch, const at::Tensor& weight,
                      const at::Tensor& stats, const at::Tensor& errors, const at::Device& device,
@@ -130,14 +140,13 @@ struct RowsView {
   int64_t* rows;
 };
 
-// Checks the metadata of `member`, `rows` and `epoch` (no value is read: no sync on a device):
-// member and rows given together, each contiguous, of its dtype and size, and epoch a 0-d
-// int64 tensor, all on `device` (the inputs' and the state's); returns their data pointers.
+// Checks `member`, `rows` and `epoch` as the call checks do (member and rows given together,
+// each contiguous, of its dtype and size, and epoch a 0-d int64 tensor, all on `device`, whose
+// tensor `of` names in the messages); returns their data pointers.
 RowsView rows_view(const std::optional<at::Tensor>& member, const std::optional<at::Tensor>& rows,
-                   const at::Tensor& epoch, int64_t n, const at::Device& device, const char* where);
+                   const at::Tensor& epoch, int64_t n, const at::Device& device, const char* of);
 
-// The value of a CPU op's epoch, read on the host once its metadata is checked as rows_view
-// does (a 0-d int64 tensor on `device`, the inputs' device: the CPU).
+// The value of a CPU op's epoch, read on the host once the call check has passed.
 int64_t host_epoch(const at::Tensor& epoch, const at::Device& device, const char* where);
 
 // Strict mode's ValueErrors of "Which rows count", in fastsel/rows.py's words (a test

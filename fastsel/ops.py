@@ -1,7 +1,7 @@
 """The op family ``torch.ops.fastsel.*``: one schema per op, registered with ``torch.library``.
 
 Every implementation (``reference``: PyTorch; ``csrc``: C++ on the CPU and CUDA in
-``csrc/``; ``triton``: ``kernels/``) registers the same schema under its own suffix, e.g.
+``csrc/``; ``triton``: ``fastsel/kernels/``) registers the same schema under its own suffix, e.g.
 ``fastsel::ce_step_csrc``, so a backend is a choice of suffix and nothing else. Fake
 kernels and the autograd formula are registered here, once, for every implementation;
 ``torch.compile`` then sees each op as one opaque node whose mutated state is declared.

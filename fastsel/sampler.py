@@ -65,9 +65,9 @@ class Sampler(torch.utils.data.Sampler[int]):
                  ignore_index: int = -100, label_smoothing: float = 0.0,
                  class_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
                  ema: float = 0.3, **policy_kwargs: Any) -> None:
-        if isinstance(data, bool) or not (isinstance(data, int) or hasattr(data, "__len__")):
+        if not (is_int(data) or hasattr(data, "__len__")):
             raise TypeError(f"data must be a dataset with len() or an int, got {type(data).__name__}")
-        n = int(data) if isinstance(data, int) else len(data)  # type: ignore[arg-type]
+        n = int(data) if is_int(data) else len(data)  # type: ignore[arg-type]
         if n < 1:
             raise ValueError(f"the dataset must have at least one sample, got N={n}")
         check_int("seed", seed, exc=TypeError, fix="pass e.g. seed=0")

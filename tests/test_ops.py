@@ -1,5 +1,5 @@
 """The op family (``torch.ops.fastsel.*``) at the op level, one suite for every implementation:
-``csrc`` (C++ in csrc/, run on the CPU) and ``triton`` (kernels/, under Triton's interpreter
+``csrc`` (C++ in csrc/, run on the CPU) and ``triton`` (fastsel/kernels/, under Triton's interpreter
 without a GPU), each against the ``reference`` ops and ``F.cross_entropy`` on fresh random
 inputs: ``torch.library.opcheck`` of every op (schema and declared mutations, fake kernel,
 autograd registration, AOT dispatch; the reference's too); the step's loss, gradient through

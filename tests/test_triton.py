@@ -345,7 +345,7 @@ def test_kernels_read_the_state_layout_from_fastsel_layout():
     them by its names, never by a number; the merge's partials fit the launcher's
     workspace."""
     from fastsel.backends.triton import load_kernels
-    for path in glob.glob(os.path.join(ROOT, "kernels", "*.py")):
+    for path in glob.glob(os.path.join(ROOT, "fastsel", "kernels", "*.py")):
         assert not re.search(r"(stats|errors|rows)_ptr \+ \d", open(path).read()), path
     if HAS_TRITON:
         merge, admit = load_kernels("merge"), load_kernels("admit")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import layout, ops, rng
-from ..validation.tensors import raise_for_errors
+from ..validation.tensors import check_ce_step_call, check_observe_call, raise_for_errors
 from ..rows import admit_rows, commit_rows, first_flagged
 from .base import Backend
 
@@ -154,7 +154,8 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
     """``fastsel::ce_step_reference``: cross-entropy as ``F.cross_entropy`` over any target,
     policy weights applied, the analytic gradient, and each sample's observation."""
     state = (s_loss, s_var, s_p, s_seen, s_last, s_weight, stats, errors)
-    n = s_loss.shape[0] - 1
+    n = check_ce_step_call(logits, target, indices, state, member, rows, epoch, class_weight,
+                           label_smoothing, ema, reduction)
     b, c = logits.shape[0], logits.shape[1]
     d = math.prod(logits.shape[2:])
     dev = logits.device
@@ -249,7 +250,7 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
     """``fastsel::observe_reference``: per-sample losses of any loss into the state; returns
     the policy-weighted reduction and its derivative per row."""
     state = (s_loss, s_var, s_p, s_seen, s_last, s_weight, stats, errors)
-    n = s_loss.shape[0] - 1
+    n = check_observe_call(losses, probs, indices, state, member, rows, epoch, ema, reduction)
     bad_index = (indices < 0) | (indices >= n)
     left_out, bad_index, over = admit_rows(indices, bad_index, n, member, rows, epoch, strict, update)
     check_or_record(errors, n, None, indices, bad_index, None, None, strict)

@@ -1,10 +1,10 @@
-"""The Triton backend: the op family's ``triton`` implementation (kernels in ``kernels/``).
+"""The Triton backend: the op family's ``triton`` implementation (kernels in ``fastsel/kernels/``).
 
 Runs on CUDA; on the CPU only under ``TRITON_INTERPRET=1`` (tests), which ``"auto"`` never
 picks. Triton is imported when a kernel is first needed, so ``import fastsel`` never needs it.
 
 ``ce_step_triton`` computes class-index targets of 2-D logits in two launches: the rows
-kernel, then the duplicate merge, state fold and reduction (``fastsel.kernels.step`` has
+kernel, then the duplicate merge, state fold and reduction (``fastsel.kernels.merge`` has
 the design: a per-state int32 count scratch left at zero, owner election by compare-and-
 swap, float64 group sums by atomics, the last program finishing the totals); other target
 forms run on the ``reference`` op. ``observe_triton`` builds the same per-row arrays with
@@ -13,21 +13,20 @@ membership checks of an update call given its epoch's ``member`` and ``rows``, a
 ``ROW_*`` counts) is decided inside the same two launches, on the device; ``last_epoch``
 comes from the 0-d ``epoch`` tensor, read by the merge kernel. No host sync unless
 ``strict`` (which checks room, membership, indices and labels first, before any launch,
-with the reference's messages). The gradient is returned unscaled by the
-reduction, with its scale (a 0-d device tensor) beside it; the autograd formula is
+with the reference's messages). Every call's metadata is checked first, by
+``fastsel.validation.tensors`` (the faults and words of every implementation). The
+gradient is returned unscaled by the reduction, with its scale (a 0-d device tensor) beside it; the autograd formula is
 ``fastsel.ops``'s. ``select_triton`` is a four-launch radix threshold select
 (``fastsel.kernels.select``) and a stable sort of the winners' 32-bit keys for the rank
 order, or the in-batch top-k up to ``BATCH_TOPK_MAX`` keys.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
-import importlib.util
 import os
-import sys
 import weakref
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, Optional, Tuple
 
@@ -35,6 +34,7 @@ import torch
 
 from .. import layout, ops, rng
 from ..rows import admit_rows
+from ..validation.tensors import check_ce_step_call, check_observe_call
 from .base import HARD_2D, Backend, check_k
 
 
@@ -45,22 +45,7 @@ def interpreting() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def load_kernels(name: str) -> ModuleType:
-    """``fastsel.kernels.<name>``; in a source checkout that was not installed (where
-    setuptools' ``package_dir`` mapping does not exist), ``kernels/`` is mapped by hand."""
-    try:
-        return importlib.import_module(f"fastsel.kernels.{name}")
-    except ModuleNotFoundError as e:
-        if e.name not in ("fastsel.kernels", f"fastsel.kernels.{name}"):
-            raise
-    root = Path(__file__).resolve().parents[2] / "kernels"
-    if "fastsel.kernels" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "fastsel.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
-        if spec is None or spec.loader is None:
-            raise ModuleNotFoundError("fastsel.kernels (kernels/ not found)", name="fastsel.kernels")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["fastsel.kernels"] = mod
-        spec.loader.exec_module(mod)
+    """``fastsel.kernels.<name>``, imported on first use (it imports Triton)."""
     return importlib.import_module(f"fastsel.kernels.{name}")
 
 
@@ -72,86 +57,14 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-class _device_guard:
+def _device_guard(device: torch.device) -> Any:
     """Make ``device`` current for the launch (Triton launches on the current CUDA device)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *a: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*a)
-
-
-# ---- metadata checks of a direct op call (no sync; the kernels index with these sizes) -------
-
-_INT = (torch.int32, torch.int64)
-_LOGITS = (torch.float32, torch.float16, torch.bfloat16)
-_STATE_NAMES = tuple(f"state_{f}" for f in layout.STEP_FIELDS) + ("state_weight", "stats", "errors")
-_STATE_DTYPES = tuple(getattr(torch, dict(layout.FIELDS)[f]) for f in layout.STEP_FIELDS) + (
-    getattr(torch, dict(layout.FIELDS)["weight"]), torch.float64, torch.int64)
-
-
-def _check_state(state: Tuple[torch.Tensor, ...], device: torch.device) -> int:
-    """The state's N (buffers hold N + 1 entries, slot N the scratch); refuses a state the
-    kernels would index out of bounds. A few attribute reads per tensor, no sync."""
-    first = state[0]
-    if first.dim() != 1 or first.shape[0] < 2:
-        raise ValueError(f"state_loss must be 1-D with N + 1 >= 2 entries (N samples and the "
-                         f"scratch slot; pass the buffers of one SampleState, "
-                         f"fastsel.backends.base.state_args), got shape {tuple(first.shape)}")
-    size = first.shape[0]
-    for t, dt, want in zip(state, _STATE_DTYPES, (size,) * 6 + (layout.STAT_SIZE, layout.ERR_SIZE)):
-        if t.dtype != dt or t.shape != (want,) or t.device != device or not t.is_contiguous():
-            name = _STATE_NAMES[[x is t for x in state].index(True)]
-            raise ValueError(
-                f"{name} must be a contiguous 1-D {dt} tensor of {want} entries on {device} "
-                f"(pass the buffers of one SampleState, fastsel.backends.base.state_args), got "
-                f"{t.dtype} of shape {tuple(t.shape)} on {t.device}")
-    return size - 1
-
-
-def _check_indices(indices: torch.Tensor, b: int, device: torch.device, rows: str) -> None:
-    if indices.dtype not in _INT or tuple(indices.shape) != (b,) or indices.device != device:
-        raise ValueError(f"indices must be an int64 or int32 tensor of shape ({b},) on {device}, "
-                         f"one sample index per row of {rows}; got {indices.dtype} of shape "
-                         f"{tuple(indices.shape)} on {indices.device}")
-
-
-def _check_rows(member: Optional[torch.Tensor], rows: Optional[torch.Tensor],
-                epoch: torch.Tensor, n: int, device: torch.device) -> bool:
-    """Whether the call checks and counts its rows (``member`` and ``rows`` given, None
-    together); refuses tensors the kernels would read out of bounds or off the device. A
-    few attribute reads, no sync."""
-    if (member is None) != (rows is None):
-        raise ValueError("member and rows must be given together (an epoch's EpochRows.args()) "
-                         f"or both be None (every row counts); got member "
-                         f"{'None' if member is None else 'a tensor'} and rows "
-                         f"{'None' if rows is None else 'a tensor'}")
-    for name, t, dt, shape in (("member", member, torch.uint8, (n + 1,)),
-                               ("rows", rows, torch.int64, (layout.ROW_SIZE,)),
-                               ("epoch", epoch, torch.int64, ())):
-        if t is not None and (t.dtype != dt or tuple(t.shape) != shape or t.device != device
-                              or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous {dt} tensor of shape {shape} on "
-                             f"{device} (fastsel.backends.base.state_args), got {t.dtype} of "
-                             f"shape {tuple(t.shape)} on {t.device}")
-    return rows is not None
-
-
-def _check_reduction(reduction: int) -> None:
-    if reduction not in (layout.REDUCTION_MEAN, layout.REDUCTION_SUM, layout.REDUCTION_NONE):
-        raise ValueError(f"reduction must be one of {dict(enumerate(layout.REDUCTIONS))} "
-                         f"(fastsel.layout.REDUCTION_*), got reduction={reduction!r}")
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # ---- the ops ---------------------------------------------------------------------------------
 
-#: Per-state merge scratch (``kernels/step.py``): int32, N + 2 entries, all zero between
+#: Per-state merge scratch (``kernels/merge.py``): int32, N + 2 entries, all zero between
 #: steps. Keyed by the state's ``seen`` buffer (device, address, N); entries whose buffer
 #: was freed are dropped when a new one is made (a buffer reallocated at the same address
 #: reuses the zeroed scratch, which is correct for any state of that N).
@@ -261,6 +174,8 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
     target forms on ``fastsel::ce_step_reference``. Returns (out, gradient unscaled by the
     reduction, its 0-d scale)."""
     state = (s_loss, s_var, s_p, s_seen, s_last, s_weight, stats, errors)
+    n = check_ce_step_call(logits, target, indices, state, member, rows, epoch, class_weight,
+                           label_smoothing, ema, reduction)
     if logits.dim() != 2 or target.is_floating_point():
         from . import reference  # noqa: F401  (registers the reference ops)
         return ops.get("ce_step", "reference")(
@@ -268,27 +183,11 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
             label_smoothing, ema, reduction, strict, update, need_grad)
     dev = logits.device
     b, c = logits.shape
-    if logits.dtype not in _LOGITS or c < 1:
-        raise ValueError(f"logits must be float32, float16 or bfloat16 with at least one class, "
-                         f"got {logits.dtype} of shape {tuple(logits.shape)}")
-    if target.dtype not in _INT or tuple(target.shape) != (b,) or target.device != dev:
-        raise ValueError(f"target of class indices must be an int64 or int32 tensor of shape "
-                         f"({b},) on {dev} for logits of shape {tuple(logits.shape)}; got "
-                         f"{target.dtype} of shape {tuple(target.shape)} on {target.device}")
-    _check_indices(indices, b, dev, "logits")
-    if class_weight is not None and (class_weight.dim() != 1 or class_weight.shape[0] != c
-                                     or class_weight.device != dev):
-        raise ValueError(f"class_weight must be a 1-D tensor of {c} entries (one per class) on "
-                         f"{dev}, got shape {tuple(class_weight.shape)} on {class_weight.device}")
-    _check_reduction(reduction)
-    n = _check_state(state, dev)
-    check = _check_rows(member, rows, epoch, n, dev) and bool(update)
+    check = rows is not None and bool(update)
 
-    ks = load_kernels("step")
+    ks = load_kernels("cross_entropy")
     cf = _configs()
-    x = logits if logits.stride(1) == 1 else logits.contiguous()
-    target, indices = target.contiguous(), indices.contiguous()
-    cw = None if class_weight is None else class_weight.to(torch.float32).contiguous()
+    x, cw = logits, class_weight   # checked: contiguous, class_weight float32
     eps = float(label_smoothing)
     per_elem = reduction == layout.REDUCTION_NONE
     nb = max(1, b)
@@ -310,8 +209,9 @@ def ce_step(logits: torch.Tensor, target: torch.Tensor, indices: torch.Tensor,
             int(bool(update)), int(check),
             HAS_CW=cw is not None, SMOOTH=eps != 0.0, WRITE_GRAD=bool(need_grad),
             BLOCK_R=br, BLOCK_C=bc, SINGLE=single, num_warps=warps)
-        _merge_update(ks, w, indices, target, state, dup, scale, k_rows, epoch, b, n, nprog,
-                      blk, pblk, mwarps, float(ema), int(reduction), False, bool(update), check)
+        _merge_update(load_kernels("merge"), w, indices, target, state, dup, scale, k_rows,
+                      epoch, b, n, nprog, blk, pblk, mwarps, float(ema), int(reduction), False,
+                      bool(update), check)
     return w.out, grad, scale
 
 
@@ -324,25 +224,13 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
     """``fastsel::observe_triton``: per-row arrays by ``observe_rows_kernel``, then the step's
     ``merge_update_kernel``. Returns (out, d(out)/d(losses) per row)."""
     state = (s_loss, s_var, s_p, s_seen, s_last, s_weight, stats, errors)
+    n = check_observe_call(losses, probs, indices, state, member, rows, epoch, ema, reduction)
     dev = losses.device
-    if losses.dim() != 1 or not losses.is_floating_point():
-        raise ValueError(f"losses must be a 1-D floating tensor [batch] (one loss per sample), "
-                         f"got {losses.dtype} of shape {tuple(losses.shape)}")
     b = losses.shape[0]
-    if probs is not None and (not probs.is_floating_point() or probs.shape != losses.shape
-                              or probs.device != dev):
-        raise ValueError(f"probs must be None or a floating tensor of shape ({b},) on {dev} "
-                         f"(each sample's probability of its true class), got {probs.dtype} "
-                         f"of shape {tuple(probs.shape)} on {probs.device}")
-    _check_indices(indices, b, dev, "losses")
-    _check_reduction(reduction)
-    n = _check_state(state, dev)
-    check = _check_rows(member, rows, epoch, n, dev) and bool(update)
+    check = rows is not None and bool(update)
 
-    ks = load_kernels("step")
+    ks = load_kernels("observe")
     cf = _configs()
-    losses, indices = losses.contiguous(), indices.contiguous()
-    probs = None if probs is None else probs.contiguous()
     per_elem = reduction == layout.REDUCTION_NONE
     nb = max(1, b)
     with _device_guard(dev):
@@ -360,8 +248,9 @@ def observe(losses: torch.Tensor, probs: Optional[torch.Tensor], indices: torch.
             w.loss, w.p_true, w.per_row, w.wy, w.flags, row_scale, dup, w.acc, w.grp, k_member,
             k_rows, b, n, int(bool(update)), int(check), HAS_PROBS=probs is not None,
             BLOCK=oblk, num_warps=warps)
-        _merge_update(ks, w, indices, indices, state, dup, inv, k_rows, epoch, b, n, nprog,
-                      blk, pblk, mwarps, float(ema), int(reduction), True, bool(update), check)
+        _merge_update(load_kernels("merge"), w, indices, indices, state, dup, inv, k_rows,
+                      epoch, b, n, nprog, blk, pblk, mwarps, float(ema), int(reduction), True,
+                      bool(update), check)
         if reduction == layout.REDUCTION_MEAN:
             row_scale.mul_(inv)
     return w.out, row_scale
@@ -390,7 +279,7 @@ def scale_grad(grad: torch.Tensor, g_out: torch.Tensor, scale: torch.Tensor,
     """The ce_step backward ``grad * (g_out * scale)`` in one launch (``scale_grad_kernel``),
     bit-identical to ``fastsel.ops``' formula, which takes two (``g_out * scale``, then the
     product) because grad_output is a device tensor. For an autograd hook in ``fastsel.ops``."""
-    ks = load_kernels("step")
+    ks = load_kernels("scale_grad")
     cf = _configs()
     out = torch.empty_like(grad)
     c = grad.shape[1]
