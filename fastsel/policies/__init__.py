@@ -9,10 +9,11 @@ from .base import Policy, Selection, SelectionContext
 from .baseline import Scan, Uniform
 from .infobatch import InfoBatch
 from .rho import RHO
+from .rs2 import RS2
 from .tftb import TFTB
 
 POLICIES: Dict[str, Type[Policy]] = {
-    cls.name: cls for cls in (Uniform, Scan, PSGD, CSGD, TFTB, InfoBatch, RHO)
+    cls.name: cls for cls in (Uniform, Scan, PSGD, CSGD, TFTB, InfoBatch, RHO, RS2)
 }
 
 
@@ -21,4 +22,4 @@ def make_policy(policy: Union[str, Policy], **kwargs: Any) -> Policy:
     return build(POLICIES, Policy, policy, kwargs)
 
 __all__ = ["POLICIES", "Policy", "Selection", "SelectionContext", "make_policy",
-           "Uniform", "Scan", "PSGD", "CSGD", "TFTB", "InfoBatch", "RHO"]
+           "Uniform", "Scan", "PSGD", "CSGD", "TFTB", "InfoBatch", "RHO", "RS2"]
