@@ -49,10 +49,12 @@ log "installing triton, numpy, test and job tools"
 # Triton and torchdata are pinned: the interpreter and the Stateful protocol are what the tests exercise.
 pip_install -c "$constraints" "triton==3.9.0" numpy pytest pytest-benchmark tqdm scikit-learn "torchdata==0.11.0" matplotlib setuptools wheel ninja
 
-# Lightning and Accelerate (fastsel's optional integrations, tested by tests/test_lightning.py
-# and tests/test_accelerate.py); the constraints file keeps the installed torch.
-log "installing lightning, accelerate"
-pip_install -c "$constraints" "lightning==2.6.6" "accelerate==1.15.0"
+# Lightning, Accelerate and Transformers (fastsel's optional integrations, tested by
+# tests/test_lightning.py, tests/test_accelerate.py and tests/test_transformers.py); the
+# constraints file keeps the installed torch. Not torchvision or timm: the registry's wheels
+# do not load with a CPU torch here, and the tests build their models from configs.
+log "installing lightning, accelerate, transformers"
+pip_install -c "$constraints" "lightning==2.6.6" "accelerate==1.15.0" "transformers==5.25.0"
 
 log "installing FFCV"
 pip_install -c "$constraints" pillow numba opencv-python-headless

@@ -25,8 +25,9 @@ __all__ = ["Sampler", "BudgetLR", "SelectiveStep", "with_indices", "list_backend
 
 def __getattr__(name: str):
     # fastsel.ffcv imports FFCV and fastsel.lightning Lightning, so they load on first use,
-    # not with fastsel (fastsel.accelerate too, alongside them).
-    if name in ("ffcv", "lightning", "accelerate"):
+    # not with fastsel (fastsel.accelerate too, alongside them; fastsel.transformers imports
+    # Hugging Face Transformers).
+    if name in ("ffcv", "lightning", "accelerate", "transformers"):
         import importlib
         return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'fastsel' has no attribute {name!r}")
