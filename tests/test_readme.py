@@ -36,22 +36,28 @@ def find(mark):
 
 
 #: The marker of each block the tests below run, and the blocks run elsewhere.
-RUN_HERE = ("sampler.summary())", "SelectiveStep(model, \"sb\"", "ignore_index=255)", "Beta(0.4, 0.4)",
+RUN_HERE = ('ckpt = {"model": model.state_dict(), "sampler": sampler.state_dict()}', "SelectiveStep(model, \"sb\"", "ignore_index=255)", "Beta(0.4, 0.4)",
             "sampler.observe(focal", "torch.compile(", "update=False)   # counts nothing",
             "SamplerCallback(sampler)", "accelerator.prepare(")
 RUN_ELSEWHERE = {
     "order.sampler_ids(ids)": "tests/test_ffcv.py runs docs/ffcv.md's subset example on a small .beton",
     "write_beton(train_set": "needs the user's train_set, model and a GPU: the API is run by tests/test_ffcv.py",
+    'policy="rs2"': "tests/test_rs2.py::test_the_policies_page_example_runs",
+    "SamplerTrainer(sampler=sampler": "tests/test_transformers.py::test_docs_example_runs",
 }
 
 
 def test_every_python_block_is_run():
+    """Each marker names exactly one block (a marker shared by two would run only the first),
+    and every block holds a marker."""
     assert len(PAGES) > 10
+    marks = RUN_HERE + tuple(RUN_ELSEWHERE)
+    blocks = python_blocks()
+    for mark in marks:
+        assert sum(mark in b for b in blocks) == 1, mark
     for page in PAGES:
         for block in blocks_of(page):
-            assert any(m in block for m in RUN_HERE + tuple(RUN_ELSEWHERE)), (page, block[:200])
-    for mark in RUN_HERE:
-        assert find(mark)
+            assert any(m in block for m in marks), (page, block[:200])
 
 
 def test_docs_links_resolve():
