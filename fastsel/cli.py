@@ -14,11 +14,10 @@ import argparse
 import json
 import math
 import os
-import shlex
 import sys
 from typing import Dict, Callable, List, NoReturn, Optional
 
-from .experiments.compare import DEFAULT_BUDGETS, DEFAULT_POLICIES
+from .experiments.compare import DEFAULT_BUDGETS, baselines, default_baseline, default_policies
 
 
 def _number(cast: type, ok: Callable[[float], bool], expect: str) -> Callable[[str], float]:
@@ -54,11 +53,14 @@ def _budgets(text: str) -> List[float]:
 
 
 def _policies(text: str) -> List[str]:
+    """Epoch-level policies (the Sampler's) and batch-level ones (SelectiveStep's)."""
+    from .batch_policies import BATCH_POLICIES
     from .policies import POLICIES
     names = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in names if p not in POLICIES]
+    bad = [p for p in names if p not in POLICIES and p not in BATCH_POLICIES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown policy {bad or text!r}; choose from {sorted(POLICIES)}")
+        raise argparse.ArgumentTypeError(f"unknown policy {bad or text!r}; choose from {sorted(POLICIES)} "
+                                         f"(epoch level) or {sorted(BATCH_POLICIES)} (batch level)")
     return names
 
 
@@ -185,6 +187,12 @@ def _dataset(text: str) -> str:
 
 
 def _training_args(p: argparse.ArgumentParser, epochs: int, seeds: int) -> None:
+    p.add_argument("--policies", type=_policies, default=default_policies(),
+                   help=f"comma-separated (default {','.join(default_policies())}); epoch-level, or "
+                        "batch-level sb, osgd, sift (SelectiveStep, at the same backward passes)")
+    p.add_argument("--baseline", choices=baselines(), default=default_baseline(),
+                   help=f"the policy every gap and verdict is measured against, always run "
+                        f"(default {default_baseline()})")
     p.add_argument("--epochs", type=_positive, default=epochs, help=f"epochs of full training (default {epochs})")
     p.add_argument("--seeds", type=_positive, default=seeds, help=f"seeds per setting (default {seeds})")
     p.add_argument("--batch-size", type=_positive, default=32, help="batch size (default 32)")
@@ -207,8 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and with each policy at the same budget (SGD + BudgetLR, same recipe), "
                                      "and print test accuracy, wall time and passes saved.")
     run.add_argument("--budget", type=_budget, default=0.3, help="fraction of full training (default 0.3)")
-    run.add_argument("--policies", type=_policies, default=list(DEFAULT_POLICIES),
-                     help="comma-separated (default uniform,p-sgd,tftb,infobatch)")
     run.add_argument("--out", type=_out_dir, default="results/run", help="results folder (default results/run)")
     _training_args(run, epochs=30, seeds=3)
 
@@ -218,21 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
                                       "baseline; writes results.json, results.md and PNG plots.")
     cmp_.add_argument("--dataset", type=_dataset, default="digits",
                       help="digits (default), synthetic, folder:PATH, or beton:PATH[,TEST_PATH]")
-    cmp_.add_argument("--policies", type=_policies, default=list(DEFAULT_POLICIES),
-                      help="comma-separated (uniform and full training are always included)")
     cmp_.add_argument("--budgets", type=_budgets, default=None,
                       help="comma-separated fractions (default 0.2,0.3,0.5); not with --time-budget")
     cmp_.add_argument("--time-budget", type=_seconds, default=None,
                       help="compare at this many wall-clock seconds per run instead of fraction budgets")
-    cmp_.add_argument("--n-train", type=_positive, default=5000,
-                      help=f"synthetic: training images, at least {SYNTHETIC_CLASSES} (default 5000)")
-    cmp_.add_argument("--n-test", type=_positive, default=1000, help="synthetic: test images (default 1000)")
-    cmp_.add_argument("--label-noise", type=_share, default=0.0, help="synthetic: share of flipped training labels")
-    cmp_.add_argument("--redundancy", type=_redundancy, default=0.0,
+    cmp_.add_argument("--n-train", type=_positive, default=None,
+                      help=f"synthetic: training images drawn, at least {SYNTHETIC_CLASSES} (default 5000); "
+                           "other data: a seeded subset of this many training images (default all)")
+    cmp_.add_argument("--n-test", type=_positive, default=None,
+                      help="synthetic: test images drawn (default 1000); other data: a seeded subset (default all)")
+    cmp_.add_argument("--label-noise", type=_share, default=None, help="synthetic: share of flipped training labels")
+    cmp_.add_argument("--redundancy", type=_redundancy, default=None,
                       help="synthetic: share of training images that are near-copies of a few easy ones (default 0)")
-    cmp_.add_argument("--imbalance", type=_imbalance, default=1.0,
+    cmp_.add_argument("--imbalance", type=_imbalance, default=None,
                       help="synthetic: rarest/most frequent class ratio (default 1.0, balanced)")
-    cmp_.add_argument("--image-size", type=_image_size, default=32,
+    cmp_.add_argument("--image-size", type=_image_size, default=None,
                       help="folder: resize images to this size (default 32)")
     cmp_.add_argument("--out", type=_out_dir, default="results/compare",
                       help="results folder (default results/compare)")
@@ -287,63 +293,9 @@ def _check_training_args(args: argparse.Namespace) -> None:
         return
     if args.time_budget is not None and args.budgets is not None:
         _fail(args, "--budgets", "fraction budgets and --time-budget exclude each other: give one")
-    if args.dataset == "synthetic" and args.n_train < SYNTHETIC_CLASSES:
+    if args.dataset == "synthetic" and args.n_train is not None and args.n_train < SYNTHETIC_CLASSES:
         _fail(args, "--n-train", f"synthetic data has {SYNTHETIC_CLASSES} classes, so it needs at least "
                                  f"{SYNTHETIC_CLASSES} training images, got {args.n_train}")
-
-
-def _check_plan(args: argparse.Namespace, specs: list, n: int) -> None:
-    """Build every run's sampler once before training starts, so a combination the Sampler
-    refuses (its ``ValueError``) is an argument error now, not a traceback hours later."""
-    from .experiments.train import make_sampler
-    seen = set()
-    for spec in specs:
-        key = (spec.policy, spec.budget, spec.time_budget)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            make_sampler(spec, n)
-        except ValueError as e:
-            what = "--time-budget" if spec.time_budget is not None else (
-                "--budget" if args.command == "run" else "--budgets")
-            _fail(args, f"--policies/{what}", f"policy {spec.policy} at {spec.label}: {e}")
-
-
-def _compare(args: argparse.Namespace, argv: List[str], policies: List[str], budgets: List[float],
-             time_budget: Optional[float], dataset: str) -> int:
-    from .experiments import compare, datasets
-    kwargs = {}
-    if dataset == "synthetic":
-        kwargs = dict(n_train=args.n_train, n_test=args.n_test, label_noise=args.label_noise,
-                      imbalance=args.imbalance, redundancy=args.redundancy)
-    elif dataset.startswith("folder:"):
-        kwargs = dict(size=args.image_size)
-    if dataset.startswith(("folder:", "beton:")):
-        try:  # what the files hold is part of the argument
-            data = datasets.load(dataset, **kwargs)
-        except (ValueError, FileNotFoundError) as e:
-            _fail(args, "--dataset", e)
-    else:
-        data = datasets.load(dataset, **kwargs)  # every option was checked: an error here is a bug
-    specs = compare.plan(policies, budgets, range(args.seeds), args.epochs, time_budget,
-                         batch_size=args.batch_size, lr=args.lr, backend=args.backend, device=args.device)
-    _check_plan(args, specs, len(data.train))
-    results = compare.run(data, specs, show_progress=not args.no_progress)
-    meta = {"command": "fastsel " + " ".join(shlex.quote(a) for a in argv),
-            "dataset": f"{data.name} {data.info}" if data.info else data.name}
-    compare.save(results, args.out, meta)
-    runs = [r.to_dict() for r in results]
-    rows = compare.aggregate(runs)
-    from .machine import machine
-    m = machine()
-    print(f"\n{data.name}: {len(data.train)} train / {len(data.test)} test images, small CNN, "
-          f"{args.epochs} epochs of full training, {args.seeds} seed(s); {m['cpu']}, torch {m['torch']}, "
-          f"{m['threads']} threads")
-    print(compare.format_table(rows))
-    print(compare.verdict(rows, runs))
-    print(f"results, report and plots in {args.out}/")
-    return 0
 
 
 def _devices_here() -> List[str]:
@@ -388,17 +340,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if extra:  # argparse would name the top-level parser: name the subcommand instead
         args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .experiments import jobs
+
+    def fail(argument: str, message: object) -> NoReturn:
+        _fail(args, argument, message)
     if args.command == "backends":
         for name, line in backend_lines().items():
             print(f"{name:<10} {line}")
         return 0
     if args.command == "run":
         _check_training_args(args)
-        return _compare(args, argv, args.policies, [args.budget], None, "digits")
+        return jobs.compare(args, argv, [args.budget], None, "digits", fail)
     if args.command == "compare":
         _check_training_args(args)
         budgets = list(DEFAULT_BUDGETS) if args.budgets is None else args.budgets
-        return _compare(args, argv, args.policies, budgets, args.time_budget, args.dataset)
+        return jobs.compare(args, argv, budgets, args.time_budget, args.dataset, fail)
     if args.command == "report":
         from .experiments.report import load_results, write_report
         try:  # what results.json holds is part of the argument
@@ -410,26 +366,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         path = write_report(args.results_dir)
         print(open(path).read())
         return 0
-    return _bench(args, argv)
-
-
-def _bench(args: argparse.Namespace, argv: List[str]) -> int:
-    """``fastsel bench``: the step and selection table, then the loss-call table."""
-    from .experiments import bench
-    if args.full and args.loss_only:
-        _fail(args, "--full", "--full sizes the step and selection grid, which --loss-only skips: give one")
-    names = args.backends
-    for name in names or ():
-        _check_backend(args, "--backends", name, args.device)
-    t = args.min_run_time
-    rows = [] if args.loss_only else bench.run_all(args.device, names, quick=not args.full, min_run_time=t)
-    loss_rows = bench.run_loss_cost(args.device, names, min_run_time=t)
-    if rows:
-        print(bench.format_results(rows) + "\n")
-    print(bench.format_loss_cost(loss_rows))
-    if args.out:
-        bench.save(rows + loss_rows, args.out, "fastsel " + " ".join(shlex.quote(a) for a in argv))
-    return 0
+    return jobs.bench(args, argv, lambda name: _check_backend(args, "--backends", name, args.device), fail)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,11 @@ def test_run_prints_the_table_and_writes_results(tmp_path, capsys):
     assert len(rows) == 3
     assert rows[0][1] == "1" and rows[0][-1] == "0%"
     assert rows[1][1] == "0.3" and rows[1][-1] == "70%" and "±" in rows[1]
-    assert "with 2 seed(s) this cannot be judged" in text   # a verdict needs 3 seeds
+    base = compare.default_baseline()
+    assert f"against {base}" in text and "paired over 2 seeds" in text   # a 95% interval needs 2 seeds
     doc = assert_report(out)
-    assert len(doc["runs"]) == 6 and doc["meta"]["command"].startswith("fastsel run")
+    assert len(doc["runs"]) == 2 * (3 + (base != "uniform")) and doc["meta"]["command"].startswith("fastsel run")
+    assert doc["meta"]["baseline"] == base
     full = [r for r in doc["runs"] if r["policy"] == "full"]
     assert all(r["backward"] == r["passes_full"] for r in full)
     assert sum(sum(r["selection_counts"][1:]) for r in full) > 0
@@ -207,6 +209,13 @@ BAD_ARGUMENTS = [
     (["compare", "--n-train", "0"], "--n-train"),
     (["compare", "--dataset", "synthetic", "--n-train", "5"], "--n-train"),
     (["compare", "--n-test", "0"], "--n-test"),
+    (["compare", "--n-train", "5000"], "--n-train"),            # digits has 1,348: never silently ignored
+    (["compare", "--n-test", "5000"], "--n-test"),
+    (["compare", "--label-noise", "0.1"], "--label-noise"),     # synthetic only
+    (["compare", "--dataset", "folder:{classes}", "--redundancy", "0.5"], "--redundancy"),
+    (["compare", "--image-size", "16"], "--image-size"),        # folder: only
+    (["compare", "--baseline", "bogus"], "--baseline"),
+    (["compare", "--policies", "sb", "--time-budget", "1"], "--policies/--time-budget"),  # batch level
     (["compare", "--label-noise", "1"], "--label-noise"),
     (["compare", "--label-noise", "-0.1"], "--label-noise"),
     (["compare", "--imbalance", "0"], "--imbalance"),
@@ -341,20 +350,18 @@ def test_help_and_python_dash_m():
 
 def test_verdict_needs_a_paired_gap_beyond_the_noise():
     def runs(accs):
-        return [{"policy": p, "budget": "0.3", "seed": s, "accuracy": a / 100, "test_size": 1000}
+        return [{"policy": p, "budget": "0.3", "seed": s, "accuracy": a / 100, "test_size": 1000, "wall_s": 1.0,
+                 "selection_s": 0.0, "forward": 1, "backward": 1, "passes_full": 2, "entropy": 0.0}
                 for p, xs in accs.items() for s, a in enumerate(xs)]
     clear = runs({"uniform": [90.0, 91.0, 92.0], "tftb": [92.0, 93.1, 93.9]})
-    rows = [{"policy": p, "budget": "0.3", "accuracy": sum(x) / 3, "accuracy_std": 1.0, "seeds": 3}
-            for p, x in (("uniform", [90, 91, 92]), ("tftb", [92, 93.1, 93.9]))]
-    assert "tftb beats uniform" in compare.verdict(rows, clear)
+    assert "better tftb (+2.00" in compare.verdict(compare.aggregate(clear), clear)
     noisy = runs({"uniform": [90.0, 91.0, 92.0], "tftb": [93.0, 90.0, 93.0]})
-    rows[1]["accuracy"] = 92.0
-    assert "none clearly beats uniform" in compare.verdict(rows, noisy)
+    text = compare.verdict(compare.aggregate(noisy), noisy)
+    assert "level (the interval includes 0" in text and "No policy clearly beats uniform" in text
     tiny = runs({"uniform": [90.0, 91.0, 92.0], "tftb": [90.1, 91.1, 92.1]})  # one image per seed
-    rows[1]["accuracy"] = 91.1
-    assert "none clearly beats uniform" in compare.verdict(rows, tiny)
-    rows[1]["accuracy"] = 80.0
-    assert "no policy beats uniform" in compare.verdict(rows, clear)
+    assert "No policy clearly beats uniform" in compare.verdict(compare.aggregate(tiny), tiny)
+    worse = runs({"uniform": [90.0, 91.0, 92.0], "tftb": [80.0, 81.1, 81.9]})
+    assert "worse tftb (−10.00" in compare.verdict(compare.aggregate(worse), worse)
 
 
 def test_version_flag_prints_the_version(capsys):
@@ -377,15 +384,18 @@ def test_backends_say_plainly_which_need_a_gpu_this_machine_lacks(monkeypatch, c
     assert all(f"{name:<10} {line}" in out for name, line in lines.items())
 
 
-def test_verdict_with_fewer_than_three_seeds_says_it_cannot_judge():
+def test_verdict_with_one_seed_says_it_cannot_judge():
     from fastsel.experiments.compare import aggregate, verdict
-    runs = [dict(policy=p, budget="0.3", seed=s, accuracy=a, wall_s=1.0, selection_s=0.0, forward=1,
+    runs = [dict(policy=p, budget="0.3", seed=0, accuracy=a, wall_s=1.0, selection_s=0.0, forward=1,
                  backward=1, passes_full=2, entropy=0.0, test_size=100)
-            for s in (0, 1) for p, a in (("uniform", 0.80), ("tftb", 0.85))]
+            for p, a in (("uniform", 0.80), ("tftb", 0.85))]
     text = verdict(aggregate(runs), runs)
-    assert "tftb has the best mean" in text and "with 2 seed(s) this cannot be judged" in text
-    runs3 = runs + [dict(runs[0], seed=2), dict(runs[1], seed=2)]
-    assert "beats uniform" in verdict(aggregate(runs3), runs3)
+    assert "tftb has the best mean" in text and "with 1 seed(s) this cannot be judged" in text
+    runs2 = runs + [dict(runs[0], seed=1, accuracy=0.81), dict(runs[1], seed=1, accuracy=0.87)]
+    # gaps 5 and 6 points: 5.5 ± 12.706 · 0.707 / √2 = [−0.85, +11.85], so level, not better
+    rows = aggregate(runs2)
+    assert "level (the interval includes 0" in verdict(rows, runs2)
+    assert "+5.50 [−0.85, +11.85]" in compare.format_table(rows)
 
 
 def test_speedup_is_the_median_of_per_seed_ratios_with_its_range():

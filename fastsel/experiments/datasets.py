@@ -200,6 +200,26 @@ def beton(path: str, test_path: Optional[str] = None, seed: int = 0, test_share:
     return Data(train, test, f"beton:{path}", 3, int(x.shape[-1]), classes, {"test": test_path})
 
 
+def subset(data: Data, n_train: Optional[int] = None, n_test: Optional[int] = None, seed: int = 0) -> Data:
+    """``data`` cut to a seeded random ``n_train`` of its training and ``n_test`` of its test
+    images (None: all of them); a ValueError names a count the data do not have."""
+    parts = []
+    for name, ds, n in (("n_train", data.train, n_train), ("n_test", data.test, n_test)):
+        if n is not None and not 1 <= n <= len(ds):
+            what = "training" if name == "n_train" else "test"
+            raise ValueError(f"{data.name} has {len(ds)} {what} images, got {name}={n}")
+        if n is None or n == len(ds):
+            parts.append(ds)
+            continue
+        keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        parts.append(TensorDataset(*(t[keep] for t in ds.tensors)))
+    info = dict(data.info)
+    if n_train is not None or n_test is not None:
+        info.update(n_train=len(parts[0]), n_test=len(parts[1]))
+    return Data(parts[0], parts[1], data.name, data.channels, data.size, data.classes, info,
+                dict(data.masks) if parts[0] is data.train else {})
+
+
 def load(spec: str, **kwargs: object) -> Data:
     """``digits``, ``synthetic``, ``folder:PATH`` or ``beton:PATH[,TEST_PATH]``."""
     if spec == "digits":

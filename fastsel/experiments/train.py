@@ -17,8 +17,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..indexed import with_indices
 from ..policies.rho import IrreducibleFit, fit_irreducible
 from ..sampler import Sampler
+from ..selective import SelectiveStep
 from ..schedule import BudgetLR
 from ..validation.values import check_int
+from .stats import FORWARD_SHARE, passes_saved
+from .tables import BATCH_LEVEL
 
 
 def conv_bn(cin: int, cout: int) -> List[nn.Module]:
@@ -109,16 +112,11 @@ class RunResult:
 
     @property
     def passes_saved(self) -> float:
-        return 1.0 - self.backward / self.passes_full if self.passes_full else 0.0
+        """``stats.passes_saved``: every pass counted, a forward-only one at 1/3."""
+        return passes_saved(self.to_dict())
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-#: What a forward pass without backward costs, in training passes (forward + backward), when
-#: rho's budget is charged for evaluating its irreducible-loss model: a backward costs
-#: about two forwards, the convention of the Selective Backprop papers.
-FORWARD_SHARE = 1.0 / 3.0
 
 
 @dataclass
@@ -188,7 +186,8 @@ def rho_plan(spec: RunSpec, n: int) -> RhoPlan:
 
 def make_sampler(spec: RunSpec, data: Any, irreducible: Optional[torch.Tensor] = None,
                  spent_s: float = 0.0) -> Sampler:
-    """The run's sampler over ``data`` (a dataset or its size N).
+    """The run's sampler over ``data`` (a dataset or its size N). A batch-level policy's
+    (``make_step``) is uniform at budget 1.0: every sample every epoch.
 
     ``rho``: ``data`` is the whole training set (or N) and the sampler covers the
     ``rho_plan(spec, N).n_train`` samples left after the holdout, at the plan's budget (a
@@ -196,10 +195,14 @@ def make_sampler(spec: RunSpec, data: Any, irreducible: Optional[torch.Tensor] =
     their irreducible losses; a size N alone (no data) gets a zero stand-in, so that a plan
     can be checked before any model is trained.
     """
-    name = "uniform" if spec.policy == "full" else spec.policy
-    kw = dict(spec.policy_kwargs)
+    batch_level = spec.policy in BATCH_LEVEL
+    name = "uniform" if spec.policy == "full" or batch_level else spec.policy
+    kw = {} if batch_level else dict(spec.policy_kwargs)
     n = data if isinstance(data, int) else len(data)
-    budget = 1.0 if spec.policy == "full" else spec.budget
+    budget = 1.0 if spec.policy == "full" or batch_level else spec.budget
+    if batch_level and spec.time_budget is not None:
+        raise ValueError(f"{spec.policy} is batch-level: its budget is the share of each batch that gets "
+                         "the backward pass, so it runs at fraction budgets only")
     time_budget = spec.time_budget
     if spec.policy == "rho" and "irreducible" not in kw:
         plan = rho_plan(spec, n)
@@ -236,6 +239,25 @@ def fit_rho_holdout(spec: RunSpec, train: TensorDataset, channels: int, size: in
     return rest, fit
 
 
+def make_step(spec: RunSpec, model: nn.Module, opt: torch.optim.Optimizer, sched: BudgetLR,
+              sampler: Sampler) -> SelectiveStep:
+    """A batch-level run's step at a matched backward budget: ``keep`` = the budget, so a
+    share B of each batch gets the backward pass (B·N·T backward passes, as an epoch-level
+    policy at budget B), the selection forward running on every sample. OSGD keeps that
+    share all run (``schedule=None``: its accuracy schedule would shrink it), SIFT's exit
+    sits after the first pooling (``sift_exit``) and probes nothing (``probe_every=0``)."""
+    kw: Dict[str, Any] = {"osgd": {"schedule": None},
+                          "sift": {"module": sift_exit(model), "probe_every": 0}}.get(spec.policy, {})
+    kw.update(spec.policy_kwargs)
+    return SelectiveStep(model, spec.policy, keep=spec.budget, optimizer=opt, scheduler=sched,
+                         sampler=sampler, seed=spec.seed, **kw)
+
+
+def sift_exit(model: nn.Module) -> str:
+    """SIFT's exit module in a SmallCNN: the first MaxPool2d (after two conv blocks)."""
+    return next(name for name, m in model.named_modules() if isinstance(m, nn.MaxPool2d))
+
+
 def train_one(spec: RunSpec, train: TensorDataset, test: TensorDataset, channels: int, size: int,
               classes: int, progress: Optional[Any] = None) -> RunResult:
     """Train a fresh SmallCNN under ``spec`` and measure it.
@@ -244,7 +266,10 @@ def train_one(spec: RunSpec, train: TensorDataset, test: TensorDataset, channels
     (``fit_rho_holdout``, ``rho_plan``); the result's wall_s, forward and backward include
     that model's time and passes (also given alone in holdout_s, holdout_forward,
     holdout_backward), and passes_full is full training on the whole of ``train``, as for
-    every other policy.
+    every other policy. A batch-level policy (sb, osgd, sift) trains through ``make_step``:
+    forward and backward are the step's counts (selection forwards included, and SIFT's
+    forwards to its exit counted as whole ones), selection_counts the backward passes per
+    sample, and wall_s includes the selection forwards.
     """
     dev = torch.device(spec.device)
     torch.manual_seed(spec.seed)
@@ -262,6 +287,8 @@ def train_one(spec: RunSpec, train: TensorDataset, test: TensorDataset, channels
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
                           weight_decay=spec.weight_decay)
     sched = BudgetLR(opt, sampler)
+    step = make_step(spec, model, opt, sched, sampler) if spec.policy in BATCH_LEVEL else None
+    trained = torch.zeros(n_full, dtype=torch.long)
     t0 = time.perf_counter()
     for epoch in sampler.epochs():
         if progress is not None:
@@ -271,6 +298,11 @@ def train_one(spec: RunSpec, train: TensorDataset, test: TensorDataset, channels
                                      f"epoch={epoch} kept={len(sampler) / sampler.n:.2f}{left}")
         for x, y, idx in loader:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if step is not None:
+                step(x, y, idx.to(dev, non_blocking=True))
+                for ids in step.last["trained_indices"]:
+                    trained += torch.bincount(ids.long().cpu(), minlength=n_full)
+                continue
             loss = sampler.loss(model(x), y, idx.to(dev, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -278,16 +310,26 @@ def train_one(spec: RunSpec, train: TensorDataset, test: TensorDataset, channels
             sched.step()
         if progress is not None:
             progress.update(1)
+    if step is not None:
+        pending = step.state_dict().get("pending")
+        if pending is not None and pending["idx"] is not None:
+            trained += torch.bincount(pending["idx"].long(), minlength=n_full)
+        step.flush()
     wall = time.perf_counter() - t0
     s = sampler.summary()
-    counts = torch.bincount(sampler.state.selected.long().cpu()).tolist()
     h_s, h_fwd, h_bwd = (fit.seconds, fit.train_passes + fit.eval_passes, fit.train_passes) if fit else (0.0, 0, 0)
     full = s["passes_full_training"] if fit is None else n_full * (
         s["epochs_run"] if spec.time_budget is not None else spec.epochs)
+    fwd, bwd, sel_s = s["passes"] + h_fwd, s["passes"] + h_bwd, s["selection_time_s"]
+    per_sample = sampler.state.selected.long().cpu()
+    if step is not None:
+        t = step.summary()
+        fwd, bwd = t["forward_passes"] + t["exit_forward"], t["backward_passes"]
+        sel_s += t["selection_time_s"]
+        per_sample = trained
     return RunResult(spec=asdict(spec), policy=spec.policy, budget=spec.label, seed=spec.seed,
                      accuracy=accuracy(model, test, device=dev), wall_s=wall + h_s,
-                     selection_s=s["selection_time_s"], forward=s["passes"] + h_fwd,
-                     backward=s["passes"] + h_bwd, passes_full=full,
-                     epochs_run=s["epochs_run"], selection_counts=counts,
+                     selection_s=sel_s, forward=fwd, backward=bwd, passes_full=full,
+                     epochs_run=s["epochs_run"], selection_counts=torch.bincount(per_sample).tolist(),
                      entropy=s["selection_entropy"]["normalized"], test_size=len(test),
                      holdout_s=h_s, holdout_forward=h_fwd, holdout_backward=h_bwd)
