@@ -233,3 +233,16 @@ def test_setup_installs_every_subpackage():
                   and any(getattr(t, "id", "") == "PACKAGES" for t in n.targets))
     packages = {name for name, (_, is_pkg) in _modules().items() if is_pkg}
     assert sorted(listed) == sorted(packages)
+
+
+def test_bench_scripts_run_from_any_checkout():
+    """Programs live under bench/ (not among the results) and name no absolute path."""
+    found = []
+    for d, _, files in os.walk(os.path.join(ROOT, "bench")):
+        for f in files:
+            path = os.path.join(d, f)
+            if f.endswith((".py", ".sh")):
+                assert os.path.dirname(path) == os.path.join(ROOT, "bench"), path
+                with open(path) as fh:
+                    found += [path] if re.search(r"['\" ](/work|/root|/home)/", fh.read()) else []
+    assert found == []

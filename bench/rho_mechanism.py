@@ -1,3 +1,10 @@
+"""Why rho picks mislabelled samples (issue 15): one rho run on the noisy synthetic set
+(N = 1,500, B = 0.3), then each group's train-loss EMA, irreducible and reducible loss, and
+the mislabelled share of the top reducible losses. Printed; the issue-15 output is
+bench/results/compare_issue15/rho_diagnostic/mechanism.log.
+
+    python bench/rho_mechanism.py
+"""
 import torch
 from fastsel.experiments import datasets
 import fastsel.experiments.train as T

@@ -3,8 +3,12 @@
 budget, but its picks drawn uniformly): the gap between the two is the selection's own
 effect; uniform vs rho(explore=1) is the holdout's cost. Also the share of each run's picks
 that land on near-copies and on mislabelled samples. Same data and recipe as the compare
-runs (n_train 1500, n_test 1000, 10 epochs, batch 32, OMP_NUM_THREADS=1)."""
-import json, sys
+runs (n_train 1500, n_test 1000, 10 epochs, batch 32, OMP_NUM_THREADS=1).
+
+    python bench/rho_diagnostic.py [N] [OUT_DIR]   # writes OUT_DIR/diag_n<N>.json (default .)
+
+Results of issue 15: bench/results/compare_issue15/rho_diagnostic/."""
+import json, os, sys
 import torch
 from fastsel.experiments import datasets
 import fastsel.experiments.train as T
@@ -38,4 +42,5 @@ for name, kw in SETTINGS.items():
                        "base_copies": float(c.float().mean()), "base_noisy": float(z.float().mean())}
                 out.append(row)
                 print(json.dumps(row), flush=True)
-json.dump(out, open(f"results/rho_diagnostic/diag_n{N}.json", "w"), indent=1)
+with open(os.path.join(sys.argv[2] if len(sys.argv) > 2 else ".", f"diag_n{N}.json"), "w") as f:
+    json.dump(out, f, indent=1)
