@@ -131,7 +131,14 @@ class Sampler(torch.utils.data.Sampler[int]):
         self.cursor.settle(cheap_only=True)
         return self.budget.may_hand_out(handed_out - self.cursor.position)
 
-    epoch = property(lambda self: self.cursor.epoch, doc="The epoch the sampler is in.")
+    @property
+    def epoch(self) -> int:
+        """The epoch the sampler is in (move with ``set_epoch``)."""
+        return self.cursor.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.cursor.epoch = value
 
     @property
     def position(self) -> int:
@@ -139,6 +146,10 @@ class Sampler(torch.utils.data.Sampler[int]):
         calls included: read from the device's count once one was traced)."""
         self.cursor.settle()
         return self.cursor.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.cursor.position = value
 
     # ---- epochs and iteration -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
