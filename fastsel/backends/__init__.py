@@ -14,7 +14,7 @@ None) and five operations, all checked against ``reference`` by the shared suite
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 

@@ -9,8 +9,6 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-
 from ..machine import machine
 from .datasets import Data
 from .report import write_report
