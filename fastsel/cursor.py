@@ -49,7 +49,7 @@ class EpochCursor:
     def move_to(self, epoch: int, time_mode: bool) -> None:
         """``set_epoch``: leave the current epoch (warning if it went untrained) for ``epoch``."""
         if epoch != self.epoch:
-            self.close(time_mode)
+            self.close(time_mode, stacklevel=5)   # the warning names set_epoch's caller
             self.epoch, self.position, self.calls = epoch, 0, 0
         self.exhausted = False
 
@@ -103,9 +103,10 @@ class EpochCursor:
         self.calls = max(self.calls, calls)
 
     # ---- warnings -------------------------------------------------------------------------
-    def close(self, time_mode: bool) -> None:
+    def close(self, time_mode: bool, stacklevel: int = 4) -> None:
         """Before moving past a drawn epoch: warn (once each) when it was handed out but not
-        trained (a reused sampler), or only partly trained (drop_last, a break)."""
+        trained (a reused sampler), or only partly trained (drop_last, a break). ``stacklevel``
+        as ``warn_once``'s: 4 names the caller of the Sampler method that called this."""
         if not self.drawn() or time_mode:
             return
         self.settle()
@@ -113,22 +114,23 @@ class EpochCursor:
         if pos >= shard or not self.budget.loss_calls:
             return
         if pos == 0 and self.exhausted:
-            self.warn_once("untrained", f"fastsel: epoch {self.epoch} was handed out but none of its "
+            self.warn_once("untrained", stacklevel, f"fastsel: epoch {self.epoch} was handed out but none of its "
                            f"{shard} rows were trained, so the budget skips it: was the sampler "
                            "iterated twice in one epoch (an evaluation DataLoader given the training "
                            "sampler, or list(sampler) called again inside the loop)? Give evaluation "
                            "its own sampler (e.g. torch.utils.data.SequentialSampler)")
         elif pos > 0:
-            self.warn_once("partial", f"fastsel: epoch {self.epoch} trained {pos} of its "
+            self.warn_once("partial", stacklevel, f"fastsel: epoch {self.epoch} trained {pos} of its "
                            f"{shard} rows: DataLoader(drop_last=True) drops the last partial batch, "
                            "or the loop left the epoch early (a break); the budget will end unspent. "
                            "Pass drop_last=False to the DataLoader (the sampler already fixes each "
                            "epoch's length)")
 
-    def warn_once(self, key: str, text: str) -> None:
+    def warn_once(self, key: str, stacklevel: int, text: str) -> None:
+        """Warn ``text`` once per ``key``; ``stacklevel`` counts from this method."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(text, stacklevel=5)
+            warnings.warn(text, stacklevel=stacklevel)
 
     # ---- checkpoint -----------------------------------------------------------------------
     def state_dict(self, time_mode: bool) -> Dict[str, Any]:

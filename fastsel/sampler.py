@@ -166,7 +166,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         total = self.num_epochs * self.shard.length(self.budget.epoch_count(self.n))
         short = total - self.budget.trained
         if short > 0:
-            self.cursor.warn_once("unspent", f"fastsel: the run ended with {short} of the budget's {total} "
+            self.cursor.warn_once("unspent", 4, f"fastsel: the run ended with {short} of the budget's {total} "
                             f"rows untrained on this rank (progress {self.progress():.3f}, so BudgetLR "
                             "did not reach 0): DataLoader(drop_last=True) or a break out of an epoch? "
                             "Pass drop_last=False and let every epoch run to its end")

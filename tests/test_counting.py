@@ -1,6 +1,7 @@
 """What counts is rows trained, and the loops that lose rows say so: a sampler reused for
 evaluation, ``drop_last=True`` or a ``break``, distributed wrappers, loss settings passed to
 the call, labels that look like a missing ``ignore_index``, a dict item with an ``index``."""
+import sys
 import warnings
 
 import pytest
@@ -76,6 +77,21 @@ def test_an_unspent_budget_warns_once_with_the_shortfall_and_the_fix(how):
     unspent = [m for m in msgs if f"{short} of the budget's 120 rows untrained" in m]
     assert len(partial) == 1 and "drop_last=False" in partial[0]
     assert len(unspent) == 1 and "drop_last=False" in unspent[0]
+
+
+def test_the_unspent_warning_names_the_users_loop():
+    """The warning points at the ``for ... in sampler.epochs()`` line, not into fastsel or
+    beyond the loop's function (a stacklevel counted through the sampler's parts)."""
+    s = fastsel.Sampler(40, budget=0.5, epochs=2, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in s.epochs():
+            idx = torch.tensor(list(s)[:10])
+            s.loss(fake_logits(idx, s.state.seen), idx % 5, idx)
+        loop_line = sys._getframe().f_lineno - 3
+    unspent = [w for w in caught if "rows untrained" in str(w.message)]
+    assert len(unspent) == 1
+    assert (unspent[0].filename, unspent[0].lineno) == (__file__, loop_line)
 
 
 def test_a_time_budget_or_a_loop_without_loss_calls_does_not_warn():
