@@ -154,9 +154,7 @@ class Sampler(torch.utils.data.Sampler[int]):
     # ---- epochs and iteration -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration draws (DistributedSampler's convention)."""
-        if not is_int(epoch) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got epoch={epoch!r}")
-        self.cursor.move_to(epoch, self.time_mode)
+        self.cursor.move_to(check_int("epoch", epoch, lo=0), self.time_mode)
 
     def _warn_unspent(self) -> None:
         """At the end of a fraction budget: warn once if rows of it were never trained."""

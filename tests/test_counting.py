@@ -79,6 +79,15 @@ def test_an_unspent_budget_warns_once_with_the_shortfall_and_the_fix(how):
     assert len(unspent) == 1 and "drop_last=False" in unspent[0]
 
 
+@pytest.mark.parametrize("bad", [-1, 1.0, True, "2"])
+def test_set_epoch_refuses_a_bad_epoch_and_changes_nothing(bad):
+    s = fastsel.Sampler(20, budget=0.5, epochs=3, seed=0)
+    s.set_epoch(1)
+    with pytest.raises(ValueError, match=f"epoch must be an int >= 0, got epoch={bad!r}"):
+        s.set_epoch(bad)
+    assert s.epoch == 1 and s.position == 0
+
+
 def test_the_unspent_warning_names_the_users_loop():
     """The warning points at the ``for ... in sampler.epochs()`` line, not into fastsel or
     beyond the loop's function (a stacklevel counted through the sampler's parts)."""
