@@ -32,17 +32,26 @@ def dataset():
     return fastsel.with_indices(TensorDataset(x, y))
 
 
-def run(save_dir=None, save_at=None, resume=None):
-    """The recipe; with ``save_at`` it saves the state after that many steps and stops."""
+def run(save_dir=None, save_at=None, resume=None, dropout=False, loader_generator=False):
+    """The recipe; with ``save_at`` it saves the state after that many steps and stops.
+    ``dropout``: a model with dropout (its weights then also depend on the global RNG, which
+    ``save_state`` saves and ``load_state`` restores) and AdamW; ``loader_generator``: the
+    DataLoader gets its own generator, so starting an epoch's iterator draws nothing from the
+    global RNG, which a resumed run restores mid-epoch, before the loop starts a new iterator."""
     from accelerate import Accelerator
     accelerator = Accelerator(cpu=True)
     train = dataset()
     sampler = fastsel.Sampler(train, policy="tftb", budget=0.5, epochs=EPOCHS, seed=0,
                               num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    loader = DataLoader(train, batch_size=BS, sampler=sampler)     # not prepared
+    gen = torch.Generator().manual_seed(0) if loader_generator else None
+    loader = DataLoader(train, batch_size=BS, sampler=sampler, generator=gen)     # not prepared
     torch.manual_seed(0)
-    model = nn.Linear(16, 4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if dropout:
+        model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    else:
+        model = nn.Linear(16, 4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = fastsel.BudgetLR(opt, sampler)
     model, opt, sched = accelerator.prepare(model, opt, sched)
     accelerator.register_for_checkpointing(RankStates(sampler))
@@ -109,42 +118,6 @@ def test_rank_states_refuses_a_state_for_another_world():
         RankStates(object())
 
 
-def run_dropout(save_dir=None, save_at=None, resume=None, loader_generator=True):
-    """The recipe with dropout, so the weights also depend on the global RNG, which
-    ``save_state`` saves and ``load_state`` restores; ``save_at``: save mid-epoch and stop."""
-    from accelerate import Accelerator
-    accelerator = Accelerator(cpu=True)
-    train = dataset()
-    sampler = fastsel.Sampler(train, policy="tftb", budget=0.5, epochs=EPOCHS, seed=0,
-                              num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    # Its own generator: starting an epoch's iterator then draws nothing from the global RNG,
-    # which a resumed run restores mid-epoch, before the loop starts a new iterator.
-    gen = torch.Generator().manual_seed(0) if loader_generator else None
-    loader = DataLoader(train, batch_size=BS, sampler=sampler, generator=gen)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 4))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    sched = fastsel.BudgetLR(opt, sampler)
-    model, opt, sched = accelerator.prepare(model, opt, sched)
-    accelerator.register_for_checkpointing(RankStates(sampler))
-    if resume is not None:
-        accelerator.load_state(str(resume))
-    trained, step = [], 0
-    for _ in sampler.epochs():
-        for x, y, idx in loader:
-            loss = sampler.loss(model(x), y, idx)
-            opt.zero_grad()
-            accelerator.backward(loss)
-            opt.step()
-            sched.step()
-            trained += idx.tolist()
-            step += 1
-            if step == save_at:
-                accelerator.save_state(str(save_dir))
-                return model, trained
-    return model, trained
-
-
 @pytest.mark.parametrize("loader_generator", [True, False])
 def test_mid_epoch_resume_with_dropout_is_exact_when_the_loader_has_its_own_generator(tmp_path, loader_generator):
     """The Lightning callback's promise (the rows of an uninterrupted run, in order, to the
@@ -152,11 +125,11 @@ def test_mid_epoch_resume_with_dropout_is_exact_when_the_loader_has_its_own_gene
     DataLoader has its own generator; without one, starting the resumed epoch's iterator
     draws from the restored RNG and the dropout masks differ (the rows still do not)."""
     AcceleratorState = accelerate.state.AcceleratorState
-    model, full = run_dropout(loader_generator=loader_generator)
+    model, full, _, _ = run(dropout=True, loader_generator=loader_generator)
     AcceleratorState._reset_state(True)
-    _, first = run_dropout(tmp_path, save_at=11, loader_generator=loader_generator)   # mid-epoch 1
+    _, first, _, _ = run(tmp_path, save_at=11, dropout=True, loader_generator=loader_generator)   # mid-epoch 1
     AcceleratorState._reset_state(True)
-    resumed, rest = run_dropout(resume=tmp_path, loader_generator=loader_generator)
+    resumed, rest, _, _ = run(resume=tmp_path, dropout=True, loader_generator=loader_generator)
     assert len(first) == ROWS + 3 * BS and len(first) + len(rest) == EPOCHS * ROWS
     same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
     if loader_generator:
