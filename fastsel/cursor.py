@@ -134,7 +134,7 @@ class EpochCursor:
 
     # ---- checkpoint -----------------------------------------------------------------------
     def state_dict(self, time_mode: bool) -> Dict[str, Any]:
-        self.settle()
+        """The cursor's fields; the caller settles first (the budget's counters move too)."""
         return {"epoch": self.epoch, "position": self.position,
                 # An iterator that ran out with batches still in flight is not a finished epoch.
                 "exhausted": self.exhausted and (time_mode or self.trained()),

@@ -423,6 +423,7 @@ class Sampler(torch.utils.data.Sampler[int]):
         Under DDP it holds this rank's updates since the last selection pass: save one per
         rank, or save at an epoch boundary.
         """
+        self.cursor.settle()   # before any part is read: compiled rows move position and budget
         return checkpoint.state_dict(self._parts())
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:

@@ -215,7 +215,9 @@ def test_a_compiled_call_past_the_shard_is_counted_and_raised_at_the_next_pass()
     chosen = torch.tensor(list(s))                  # 20 rows
     x, y = torch.randn(12, 3), torch.zeros(12, dtype=torch.long)
     f(x, y, chosen[:12])
-    assert s.state_dict()["position"] == 12         # a mid-epoch checkpoint sees compiled rows
+    sd = s.state_dict()                             # a mid-epoch checkpoint sees compiled rows,
+    assert sd["position"] == 12                     # in the position and in the budget's counters
+    assert (sd["counters"]["trained"], sd["counters"]["loss_calls"]) == (12, 1)
     before = s.state.seen.clone()
     f(x, y, chosen[8:20])                           # 12 more would take the epoch to 24 of 20
     assert torch.equal(s.state.seen, before) and s.position == 12
